@@ -106,60 +106,75 @@ class _Auction:
         self.best_bid = torch.full((batch * size,), -math.inf, dtype=scores.dtype, device=device)
         self.best_row = torch.full_like(self.assigned, batch * size)
 
-    def end_phases(self, problems: Tensor) -> None:
+    def _shrink(self, eps: Tensor, problems: Tensor) -> Tensor:
+        """Next epsilon of each problem: down by the factor, to ``eps_min``, then to the floor."""
+        eps_min = self.eps_min[problems]
+        lowest = torch.where(eps > eps_min, eps_min, self.eps_floor[problems])
+        return torch.maximum(eps / _EPS_FACTOR, lowest)
+
+    def end_phases(self, problems: Tensor) -> Tensor:
         """Problems whose rows are all assigned: stop them if certified, else shrink epsilon.
 
-        Shrinking epsilon keeps the rows that still satisfy the tighter complementary slackness
-        and frees the others (and their objects) for the next phase.
+        Epsilon shrinks until some row breaks the tighter complementary slackness (shrinking
+        further while every row still satisfies it changes nothing else). Rows that break it are
+        freed, with their objects, for the next phase; the rest keep their objects. A problem
+        also stops when epsilon is at its floor. Returns the freed rows (flat indices).
         """
         size = self.size
         scores, price = self.scores[problems], self.price[problems]
         flat = self.assigned.view(self.batch, size)[problems]
         local = flat - self.offset[problems].unsqueeze(1)
         reduced = scores - price.unsqueeze(1)
-        best = reduced.amax(dim=2)
-        held = reduced.gather(2, local.unsqueeze(2)).squeeze(2)
+        slack = reduced.amax(dim=2) - reduced.gather(2, local.unsqueeze(2)).squeeze(2)
+        worst = slack.amax(dim=1)
         value, upper = _certificate(scores, price, local)
+        done = upper - value <= self.tol[problems]
         eps = self.eps[problems]
-        done = (upper - value <= self.tol[problems]) | (eps <= self.eps_floor[problems])
+        shrinking = ~done
+        while bool(shrinking.any()):
+            stuck = shrinking & (eps <= self.eps_floor[problems])
+            done |= stuck
+            shrinking &= ~stuck
+            eps = torch.where(shrinking, self._shrink(eps, problems), eps)
+            shrinking &= worst <= eps
+        self.eps[problems] = eps
         self.active[problems[done]] = False
-        eps_min = self.eps_min[problems]
-        shrunk = torch.where(
-            eps > eps_min,
-            torch.maximum(eps / _EPS_FACTOR, eps_min),
-            torch.maximum(eps / _EPS_FACTOR, self.eps_floor[problems]),
-        )
-        self.eps[problems] = torch.where(done, eps, shrunk)
-        loose = (held < best - shrunk.unsqueeze(1)) & ~done.unsqueeze(1)
-        freed = flat[loose]
-        self.owner[freed] = -1
-        self.assigned[
-            (self.offset[problems].unsqueeze(1) + torch.arange(size, device=flat.device))[loose]
-        ] = -1
+        loose = (slack > eps.unsqueeze(1)) & ~done.unsqueeze(1)
+        self.owner[flat[loose]] = -1
+        rows = (self.offset[problems].unsqueeze(1) + torch.arange(size, device=flat.device))[loose]
+        self.assigned[rows] = -1
+        return rows
 
-    def bid(self, bidders: Tensor) -> None:
-        """One Jacobi round: every unassigned row bids at once; each object takes its best bid."""
-        size = self.size
+    def bid(self, bidders: Tensor) -> Tensor:
+        """One Jacobi round: every unassigned row bids at once; each object takes its best bid.
+
+        Returns the rows unassigned after the round: the outbid bidders and the rows that lost
+        their objects to a higher bid.
+        """
+        size, empty = self.size, self.batch * self.size
         problem = bidders // size
         price = self.price.view(-1)
         reduced = self.rows.index_select(0, bidders)
         reduced -= self.price.index_select(0, problem)
         first, choice = reduced.max(dim=1)
         second = reduced.scatter_(1, choice.unsqueeze(1), -math.inf).amax(dim=1)
-        target = self.offset[problem] + choice
-        bid = price[target] + (first - second) + self.eps[problem]
+        target = self.offset.index_select(0, problem) + choice
+        bid = price.index_select(0, target) + (first - second) + self.eps.index_select(0, problem)
         self.best_bid.scatter_reduce_(0, target, bid, "amax")
-        candidate = torch.where(bid == self.best_bid[target], bidders, self.batch * size)
-        self.best_row.scatter_reduce_(0, target, candidate, "amin")
-        won = bidders == self.best_row[target]
-        self.best_bid[target] = -math.inf
-        self.best_row[target] = self.batch * size
-        winners, objects = bidders[won], target[won]
-        previous = self.owner[objects]
-        self.assigned[previous[previous >= 0]] = -1
-        self.owner[objects] = winners
-        self.assigned[winners] = objects
-        price[objects] = bid[won]
+        top = bid == self.best_bid.index_select(0, target)
+        self.best_row.scatter_reduce_(0, target, torch.where(top, bidders, empty), "amin")
+        won = bidders == self.best_row.index_select(0, target)
+        self.best_bid.index_fill_(0, target, -math.inf)
+        self.best_row.index_fill_(0, target, empty)
+        won_at, lost_at = won.nonzero().squeeze(1), (~won).nonzero().squeeze(1)
+        winners, objects = bidders.index_select(0, won_at), target.index_select(0, won_at)
+        previous = self.owner.index_select(0, objects)
+        previous = previous.index_select(0, (previous >= 0).nonzero().squeeze(1))
+        self.assigned.index_fill_(0, previous, -1)
+        self.owner.index_copy_(0, objects, winners)
+        self.assigned.index_copy_(0, winners, objects)
+        price.index_copy_(0, objects, bid.index_select(0, won_at))
+        return torch.cat([bidders.index_select(0, lost_at), previous])
 
     def complete(self) -> None:
         """Give the unassigned rows the free objects in index order (after ``max_iter``)."""
@@ -174,21 +189,19 @@ class _Auction:
 
     def run(self, max_iter: int | None) -> None:
         """Bid until every problem is certified or ``max_iter`` rounds have run."""
+        free = torch.arange(self.batch * self.size, device=self.assigned.device)
         rounds = 0
         while True:
-            free = (self.assigned < 0).view(self.batch, self.size)
-            ended = self.active & ~free.any(dim=1)
-            while bool(ended.any()):
-                self.end_phases(ended.nonzero().squeeze(1))
-                free = (self.assigned < 0).view(self.batch, self.size)
-                ended = self.active & ~free.any(dim=1)
-            bidders = free.view(-1).nonzero().squeeze(1)
-            if bidders.numel() == 0:
+            has_free = torch.zeros_like(self.active).index_fill_(0, free // self.size, True)
+            ended = self.active & ~has_free
+            if bool(ended.any()):
+                free = torch.cat([free, self.end_phases(ended.nonzero().squeeze(1))])
+            if free.numel() == 0:
                 return
             if max_iter is not None and rounds >= max_iter:
                 self.complete()
                 return
-            self.bid(bidders)
+            free = self.bid(free)
             rounds += 1
 
 
