@@ -25,15 +25,25 @@ _BLOCK_ELEMENTS = 1 << 23
 _SUM_TOLERANCE = 1e-4
 
 
-def _check_distributions(x: object, from_logits: object, name: str, n: int | None = None) -> None:
-    """Raise if ``x`` is not ``(N, K)`` finite logits, or probabilities if not ``from_logits``."""
+def _check_distributions(
+    x: object,
+    from_logits: object,
+    name: str,
+    n: int | None = None,
+    context: str = "the RSM of {n} samples",
+) -> None:
+    """Raise if ``x`` is not ``(N, K)`` finite logits, or probabilities if not ``from_logits``.
+
+    With ``n`` the rows must number ``n``; ``context`` (formatted with ``n``) says what they
+    are in messages.
+    """
     if not isinstance(from_logits, bool):
         raise TypeError(
             f"Expected `from_logits` to be a bool, but got {type(from_logits).__name__}."
         )
     if not isinstance(x, Tensor):
         raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(x).__name__}.")
-    expected = "(N, K)" if n is None else f"({n}, K) to match the RSM of {n} samples"
+    expected = "(N, K)" if n is None else f"({n}, K) to match {context.format(n=n)}"
     if x.ndim != 2 or x.shape[1] == 0 or (n is not None and x.shape[0] != n):
         raise ValueError(f"Expected `{name}` of shape {expected}, but got shape {tuple(x.shape)}.")
     if not x.is_floating_point():

@@ -37,14 +37,17 @@ _EMPTY_TARGET_ACTIONS = ("error", "neg", "pos", "skip")
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def _check_labels(labels: object, n: int) -> None:
-    """Raise if ``labels`` are not N class ids of shape ``(N,)`` or multi-hot ``(N, L)``."""
+def _check_labels(labels: object, n: int, context: str = "the RSM of {n} samples") -> None:
+    """Raise if ``labels`` are not N class ids of shape ``(N,)`` or multi-hot ``(N, L)``.
+
+    ``context`` (formatted with ``n``) says in messages what the N samples are.
+    """
     if not isinstance(labels, Tensor):
         raise TypeError(f"Expected `labels` to be a torch.Tensor, but got {type(labels).__name__}.")
     if labels.ndim not in (1, 2) or labels.shape[0] != n:
         raise ValueError(
             f"Expected `labels` to have shape ({n},) (class ids) or ({n}, L) (multi-hot) to match "
-            f"the RSM of {n} samples, but got shape {tuple(labels.shape)}."
+            f"{context.format(n=n)}, but got shape {tuple(labels.shape)}."
         )
     if labels.ndim == 1:
         if labels.is_floating_point() or labels.is_complex():
