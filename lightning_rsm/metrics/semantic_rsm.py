@@ -97,8 +97,6 @@ class SemanticRSM(_SemanticRSMBase):
     """
 
     higher_is_better = True
-    plot_lower_bound = -1.0
-    plot_upper_bound = 1.0
 
     features: list[Tensor]
     labels: list[Tensor]
