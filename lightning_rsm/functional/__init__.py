@@ -1,6 +1,7 @@
 """Pure tensor -> tensor functions: representations, matching, RSMs and their quality."""
 
 from lightning_rsm.functional.agreement import jensen_shannon_similarity, probability_agreement
+from lightning_rsm.functional.auction import auction_assignment
 from lightning_rsm.functional.comparison import compare_rsms
 from lightning_rsm.functional.matching import (
     assignment_upper_bound,
@@ -19,6 +20,7 @@ from lightning_rsm.functional.rsm import semantic_rsm, spatio_semantic_rsm
 
 __all__ = [
     "assignment_upper_bound",
+    "auction_assignment",
     "compare_rsms",
     "jensen_shannon_similarity",
     "match_exact",
