@@ -70,10 +70,15 @@ def _check_auction_inputs(scores: object, tol: object, max_iter: object) -> None
             raise ValueError(f"Expected `scores` to be finite, but got {n_bad} NaN/Inf values.")
 
 
-def _certificate(scores: Tensor, price: Tensor, assignment: Tensor) -> tuple[Tensor, Tensor]:
-    """Primal value of ``assignment`` and the dual bound of ``price`` (float64, shape ``(B,)``)."""
+def _certificate(
+    scores: Tensor, price: Tensor, assignment: Tensor, best: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Primal value of ``assignment`` and the dual bound of ``price`` (float64, shape ``(B,)``).
+
+    ``best`` is ``(scores - price[:, None, :]).amax(dim=2)``, shape ``(B, S)``.
+    """
     value = scores.gather(2, assignment.unsqueeze(2)).sum(dim=(1, 2))
-    upper = price.sum(dim=1) + (scores - price.unsqueeze(1)).amax(dim=2).sum(dim=1)
+    upper = price.sum(dim=1) + best.sum(dim=1)
     return value, upper
 
 
@@ -128,9 +133,11 @@ class _Auction:
         flat = self.assigned.view(self.batch, size)[problems]
         local = flat - self.offset[problems].unsqueeze(1)
         reduced = scores - price.unsqueeze(1)
-        slack = reduced.amax(dim=2) - reduced.gather(2, local.unsqueeze(2)).squeeze(2)
+        best = reduced.amax(dim=2)
+        slack = best - reduced.gather(2, local.unsqueeze(2)).squeeze(2)
+        del reduced  # the largest temporary: (Q, S, S)
         worst = slack.amax(dim=1)
-        value, upper = _certificate(scores, price, local)
+        value, upper = _certificate(scores, price, local, best)
         done = upper - value <= self.tol[problems]
         eps = self.eps[problems]
         shrinking = ~done
@@ -283,5 +290,6 @@ def auction_assignment(
     auction = _Auction(work, tol)
     auction.run(max_iter)
     assignment = auction.assigned.view(batch, size) - auction.offset.unsqueeze(1)
-    value, upper = _certificate(work, auction.price, assignment)
+    best = (work - auction.price.unsqueeze(1)).amax(dim=2)
+    value, upper = _certificate(work, auction.price, assignment, best)
     return value, upper, assignment
