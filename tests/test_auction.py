@@ -109,6 +109,23 @@ def test_large_magnitudes_with_scaled_tolerance():
     _check_result(scores, value, upper, assignment, 1e-2, slack=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1e-300, 1e150, 1e300])
+def test_extreme_magnitudes(magnitude):
+    gen = torch.Generator().manual_seed(14)
+    scores = magnitude * torch.rand(5, 6, 6, generator=gen, dtype=torch.float64)
+    tol = 1e-6 * magnitude
+    value, upper, assignment = auction_assignment(scores, tol=tol)
+    _check_result(scores, value, upper, assignment, tol, slack=1e-12 * magnitude)
+
+
+def test_tolerance_far_above_the_scores_keeps_the_bracket():
+    # With prices on the scale of tol, the scores would vanish in their rounding.
+    gen = torch.Generator().manual_seed(13)
+    scores = 1e-20 * torch.rand(20, 6, 6, generator=gen, dtype=torch.float64)
+    value, upper, assignment = auction_assignment(scores, tol=1.0)
+    _check_result(scores, value, upper, assignment, 1.0, slack=1e-30)
+
+
 @pytest.mark.parametrize("tol", [1.0, 1e-2, 1e-5, 1e-9])
 def test_tolerance_is_respected(tol):
     gen = torch.Generator().manual_seed(5)

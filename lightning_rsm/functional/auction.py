@@ -104,11 +104,15 @@ class _Auction:
         spread = scores.amax(dim=(1, 2)) - scores.amin(dim=(1, 2))
         self.eps_floor = (scale * _EPS_FLOOR).clamp_min(torch.finfo(scores.dtype).tiny)
         # S * eps_min < tol, so the last phase certifies the tolerance without relying on luck.
-        self.eps_min = torch.maximum(tol / (size + 1), self.eps_floor)
+        # Capped at the spread (then any permutation is within tol) so that prices stay on the
+        # scale of the scores and the certificate does not drown in their rounding.
+        self.eps_min = torch.maximum(torch.minimum(tol / (size + 1), spread), self.eps_floor)
         # Start at the geometric mean of spread / 4 (Bertsekas' usual start) and eps_min: on
         # score matrices of trained features (many near-identical concept vectors) this halves
         # the bids at S = 49 and divides them by 3 at S = 196; random ones barely notice.
-        self.eps = (torch.maximum(spread / 4, self.eps_min) * self.eps_min).sqrt()
+        # (A product of square roots neither underflows nor overflows.)
+        self.eps = torch.maximum(spread / 4, self.eps_min).sqrt() * self.eps_min.sqrt()
+        self.eps = torch.maximum(self.eps, self.eps_min)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         # Scratch buffers for the per-object maximum bid; reset after each round.
         self.best_bid = torch.full((batch * size,), -math.inf, dtype=scores.dtype, device=device)
