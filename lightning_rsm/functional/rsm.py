@@ -171,10 +171,16 @@ def _solve_block(
     return block, value, upper
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) to split the blocks over; (0, 1) when not splitting."""
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError(
+                "Expected an initialised torch.distributed process group with "
+                "`distributed=True`, but none is initialised."
+            )
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 @contextmanager
@@ -233,6 +239,7 @@ def _assignment_bounds(
     block_size: int | None,
     num_workers: int | None,
     progress: bool,
+    distributed: bool | None,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``."""
     n, m, size = xs.shape[0], ys.shape[0], xs.shape[1]
@@ -240,7 +247,7 @@ def _assignment_bounds(
     norms_y = norms_x if symmetric else ys.norm(dim=2)
     block_pairs = block_size or _default_block_pairs(size, matcher, xs.device)
     blocks = _segments(n, m, symmetric, block_pairs)
-    rank, world = _world()
+    rank, world = _world(distributed)
     blocks = blocks[rank::world]
     if num_workers is None:
         on_device = xs.is_cuda and matcher in _TORCH_MATCHERS
@@ -337,6 +344,7 @@ def semantic_rsm(
     num_workers: int | None = None,
     progress: bool = False,
     return_gap: bool = False,
+    distributed: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -367,6 +375,11 @@ def semantic_rsm(
         progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
         return_gap: also return, per entry, a certified bound on the distance from the exact
             kernel value (0 for ``matcher="exact"``); ``gap.max()`` is the run's largest.
+        distributed: split the blocks across the ranks of the initialised
+            ``torch.distributed`` process group and gather the full RSM on every rank.
+            ``None`` (default) does so whenever a group is initialised; then **every rank must
+            call with the same inputs**, or the call waits forever. ``False`` computes
+            everything in this process (e.g. inside rank-zero-only code).
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -401,6 +414,7 @@ def semantic_rsm(
         block_size,
         num_workers,
         progress,
+        distributed,
     )
     sq_x = _squared_norms(xs)
     sq_y = sq_x if symmetric else _squared_norms(ys)
