@@ -1,0 +1,118 @@
+"""RSMMonitor with a real Trainer and TensorBoardLogger: read the event files back."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TinyNetWithVal, make_data, trainer_kwargs
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_rsm import RSMMonitor
+from lightning_rsm.functional import (
+    compare_rsms,
+    probability_agreement,
+    retrieval_average_precision,
+    semantic_rsm,
+    spatio_semantic_rsm,
+)
+
+LAYERS = ["conv", "pool"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two epochs with validation (and its sanity check); the monitor and the event files."""
+    tmp_path = tmp_path_factory.mktemp("tb")
+    pl.seed_everything(0, verbose=False)
+    images, labels = make_data(48)
+    probe_x, probe_y = make_data(12, seed=1)
+    target = torch.rand(12, 12)
+    target = target + target.T
+    monitor = RSMMonitor((probe_x, probe_y), LAYERS, targets={"random": target})
+    model = TinyNetWithVal()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, logger=logger, num_sanity_val_steps=1), callbacks=[monitor]
+    )
+    trainer.fit(model, loader, loader)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return model, monitor, events, (probe_x, probe_y, target)
+
+
+def test_scalar_tags_and_one_value_per_epoch(run):
+    _, monitor, events, _ = run
+    tags = set(events.Tags()["scalars"])
+    for layer in LAYERS:
+        for kind in ("semantic", "baseline"):
+            for score in ("map", "precision@1", "agreement"):
+                assert f"rsm/{layer}/{kind}/{score}" in tags
+        assert f"rsm/{layer}/rsa_to_previous" in tags
+        assert f"rsm/{layer}/vs_random" in tags
+    assert "rsm/time_s" in tags
+    # two epochs, no evaluation in the sanity check
+    assert [row["epoch"] for row in monitor.history] == [0, 1]
+    assert len(events.Scalars("rsm/conv/semantic/map")) == 2
+    assert len(events.Scalars("rsm/conv/rsa_to_previous")) == 1
+
+
+def test_scalar_values_are_in_range_and_match_history(run):
+    _, monitor, events, _ = run
+    for tag in events.Tags()["scalars"]:
+        if not tag.startswith("rsm/"):
+            continue
+        values = [event.value for event in events.Scalars(tag)]
+        logged = [row[tag] for row in monitor.history if tag in row]
+        np.testing.assert_allclose(values, logged, rtol=1e-6)
+        if tag.endswith(("/map", "/precision@1")):
+            assert all(0.0 <= v <= 1.0 for v in values), tag
+        elif tag == "rsm/time_s":
+            assert all(v > 0 for v in values)
+        else:
+            assert all(-1.0 <= v <= 1.0 for v in values), tag
+
+
+def test_logged_scores_equal_a_direct_computation(run):
+    model, monitor, _, (probe_x, probe_y, target) = run
+    model.eval()
+    with torch.no_grad():
+        features = {"conv": model.conv(probe_x)}
+        features["pool"] = model.pool(features["conv"])
+        logits = model(probe_x)
+    last = monitor.history[-1]
+    for layer, x in features.items():
+        sem = semantic_rsm(x, kernel="cosine")
+        base = spatio_semantic_rsm(x, kernel="cosine")
+        expected = {
+            "semantic/map": retrieval_average_precision(sem, probe_y),
+            "baseline/map": retrieval_average_precision(base, probe_y),
+            "semantic/agreement": probability_agreement(sem, logits),
+            "baseline/agreement": probability_agreement(base, logits),
+            "vs_random": compare_rsms(sem, target),
+        }
+        for key, value in expected.items():
+            assert last[f"rsm/{layer}/{key}"] == pytest.approx(float(value), abs=1e-5), key
+
+
+def test_heatmaps_and_layer_rsa_are_written_once_per_evaluation(run):
+    _, monitor, events, _ = run
+    tags = set(events.Tags()["images"])
+    expected = {f"rsm/{layer}/{kind}/heatmap" for layer in LAYERS for kind in ("semantic", "baseline")}
+    assert expected | {"rsm/layer_rsa"} == tags
+    for tag in tags:
+        stored = events.Images(tag)
+        assert len(stored) == 2
+        image = np.asarray(Image.open(io.BytesIO(stored[-1].encoded_image_string)))
+        assert image.shape[0] == image.shape[1] >= 256
+        # the diagonal (cosine 1, or RSA 1) has the top colour of the fixed scale: viridis' last
+        assert image[0, 0].tolist() == [253, 231, 37]
+    assert monitor.layer_rsa.shape == (2, 2)
+    assert torch.equal(monitor.layer_rsa, monitor.layer_rsa.T)
