@@ -1,0 +1,417 @@
+"""Semantic (permutation-invariant) and spatio-semantic (flattened) RSMs.
+
+For samples X_i, Y_j of S concept vectors each (``(S, C)`` matrices) the semantic RSM needs
+one number per pair, the optimal assignment value
+
+    v_ij = max over permutations P of sum_s <X_i[s], Y_j[P(s)]>,
+
+because aligning Y_j by P keeps its norm: every kernel follows from v_ij and the two norms
+(:func:`_apply_kernel`), and no permuted copy of any tensor is ever built. The spatio-semantic
+baseline is the same with the identity permutation, ``trace(X_i @ Y_j.T)``.
+
+Pairs are solved in blocks: one batched matmul forms the ``(B, S, S)`` score matrices of a block
+of pairs, a matcher solves them, and blocks run on a thread pool (scipy's solver releases the
+GIL). With ``y=None`` only pairs ``i < j`` are solved; the diagonal is exact by construction
+(the identity permutation is optimal for a sample against itself). With an initialised
+``torch.distributed`` process group the blocks are split across ranks and the result gathered.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_rsm.functional.matching import (
+    MatchResult,
+    match_exact,
+    match_greedy,
+    match_windowed,
+)
+from lightning_rsm.functional.representations import _check_representations, to_concepts
+
+_KERNELS = ("cosine", "inner", "rbf")
+
+# name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper)
+_MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], MatchResult]] = {
+    "exact": lambda scores, nx, ny, opts: match_exact(scores),
+    "greedy": lambda scores, nx, ny, opts: match_greedy(scores),
+    "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"]),
+}
+
+# Score matrices held per block (float32 entries); bounds memory, independent of N.
+_BLOCK_ENTRIES = 2**21
+
+Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_options(kernel: object, matcher: object, sigma: object, window: object) -> None:
+    if kernel not in _KERNELS:
+        raise ValueError(f"Expected `kernel` to be one of {sorted(_KERNELS)}, but got {kernel!r}.")
+    if matcher not in _MATCHERS:
+        raise ValueError(
+            f"Expected `matcher` to be one of {sorted(_MATCHERS)}, but got {matcher!r}."
+        )
+    if sigma is not None and not (
+        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0
+    ):
+        raise ValueError(f"Expected `sigma` to be a positive number or None, but got {sigma!r}.")
+    if not _is_positive_int(window):
+        raise ValueError(f"Expected `window` to be a positive int, but got {window!r}.")
+
+
+def _check_pair(x: Tensor, y: Tensor | None) -> None:
+    """Validate both inputs; with ``y=None`` an RSM needs at least two samples."""
+    _check_representations(x, "x", min_samples=2 if y is None else 1)
+    if y is None:
+        return
+    _check_representations(y, "y")
+    if x.ndim != y.ndim or x.shape[1:] != y.shape[1:]:
+        raise ValueError(
+            "Expected `x` and `y` to have the same shape after the sample dimension, "
+            f"but got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+    if x.device != y.device:
+        raise ValueError(f"Expected `x` and `y` on one device, but got {x.device} and {y.device}.")
+
+
+def _prepare(x: Tensor, y: Tensor | None, max_positions: int | None) -> tuple[Tensor, Tensor]:
+    """Concept vectors ``(N, S, C)`` and ``(M, S, C)`` in float32 or float64, detached."""
+    xs = to_concepts(x.detach(), max_positions=max_positions, name="x")
+    ys = xs if y is None else to_concepts(y.detach(), max_positions=max_positions, name="y")
+    if xs.dtype not in (torch.float32, torch.float64):
+        xs, ys = xs.float(), ys.float()
+    return xs, ys
+
+
+def _squared_norms(concepts: Tensor) -> Tensor:
+    """``||X_i||^2`` of each sample in float64, shape ``(N,)``."""
+    return concepts.double().square().sum(dim=(1, 2))
+
+
+def _segments(n: int, m: int, symmetric: bool, block_pairs: int) -> list[list[Segment]]:
+    """Split the pairs to solve into blocks of at most ``block_pairs`` pairs.
+
+    Pairs run row by row (``j > i`` only when symmetric); a block is a list of row segments,
+    so every segment's columns are a contiguous slice and need no gather. The split depends
+    only on the shapes, so every process forms the same blocks.
+    """
+    blocks: list[list[Segment]] = []
+    current: list[Segment] = []
+    room = block_pairs
+    for i in range(n):
+        j = i + 1 if symmetric else 0
+        while j < m:
+            stop = min(m, j + room)
+            current.append((i, j, stop))
+            room -= stop - j
+            j = stop
+            if room == 0:
+                blocks.append(current)
+                current, room = [], block_pairs
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def _solve_block(
+    xs: Tensor,
+    ys: Tensor,
+    norms_x: Tensor,
+    norms_y: Tensor,
+    block: list[Segment],
+    solve: Callable[[Tensor, Tensor, Tensor, dict], MatchResult],
+    options: dict,
+) -> tuple[list[Segment], Tensor, Tensor]:
+    """Form the block's score matrices with one matmul per row segment and solve them."""
+    with torch.no_grad():
+        scores = torch.cat([torch.matmul(xs[i], ys[j0:j1].transpose(1, 2)) for i, j0, j1 in block])
+        nx = torch.cat([norms_x[i].expand(j1 - j0, -1) for i, j0, j1 in block])
+        ny = torch.cat([norms_y[j0:j1] for _, j0, j1 in block])
+        value, upper = solve(scores, nx, ny, options)
+    return block, value, upper
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op threads (the pool's workers already use every core)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_blocks(
+    blocks: list[list[Segment]],
+    work: Callable[[list[Segment]], tuple[list[Segment], Tensor, Tensor]],
+    num_workers: int,
+    progress: bool,
+) -> Iterator[tuple[list[Segment], Tensor, Tensor]]:
+    """Yield solved blocks, at most ``2 * num_workers`` in flight; Ctrl-C cancels the rest."""
+    total = sum(j1 - j0 for block in blocks for _, j0, j1 in block)
+    with tqdm(total=total, disable=not progress, unit="pair", desc="semantic RSM") as bar:
+        if num_workers == 1:
+            for block in blocks:
+                result = work(block)
+                bar.update(sum(j1 - j0 for _, j0, j1 in block))
+                yield result
+            return
+        pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="lightning_rsm")
+        pending: set[Future] = set()
+        todo = iter(blocks)
+        try:
+            with _intra_op_threads(1):
+                while True:
+                    for block in todo:
+                        pending.add(pool.submit(work, block))
+                        if len(pending) >= 2 * num_workers:
+                            break
+                    if not pending:
+                        break
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        result = future.result()
+                        bar.update(sum(j1 - j0 for _, j0, j1 in result[0]))
+                        yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _assignment_bounds(
+    xs: Tensor,
+    ys: Tensor,
+    symmetric: bool,
+    matcher: str,
+    options: dict,
+    block_size: int | None,
+    num_workers: int | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``."""
+    n, m, size = xs.shape[0], ys.shape[0], xs.shape[1]
+    norms_x = xs.norm(dim=2)
+    norms_y = norms_x if symmetric else ys.norm(dim=2)
+    block_pairs = block_size or max(1, min(1024, _BLOCK_ENTRIES // (size * size)))
+    blocks = _segments(n, m, symmetric, block_pairs)
+    rank, world = _world()
+    blocks = blocks[rank::world]
+    if num_workers is None:
+        num_workers = 1 if xs.is_cuda else len(os.sched_getaffinity(0))
+    solve = _MATCHERS[matcher]
+
+    def work(block: list[Segment]) -> tuple[list[Segment], Tensor, Tensor]:
+        return _solve_block(xs, ys, norms_x, norms_y, block, solve, options)
+
+    lower = torch.zeros(n, m, dtype=torch.float64, device=xs.device)
+    upper = torch.zeros_like(lower)
+    for block, value, bound in _run_blocks(blocks, work, num_workers, progress and rank == 0):
+        start = 0
+        for i, j0, j1 in block:
+            lower[i, j0:j1] = value[start : start + j1 - j0]
+            upper[i, j0:j1] = bound[start : start + j1 - j0]
+            start += j1 - j0
+    if world > 1:
+        _sum_across_ranks(lower, upper)
+    if symmetric:
+        diagonal = torch.diag(_squared_norms(xs))
+        lower = lower + lower.T + diagonal
+        upper = upper + upper.T + diagonal
+    return lower, upper
+
+
+def _sum_across_ranks(*tensors: Tensor) -> None:
+    """All-reduce in place; every entry was filled by exactly one rank, the rest hold zeros."""
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    for tensor in tensors:
+        if device is None or tensor.device == device:
+            dist.all_reduce(tensor)
+        else:
+            moved = tensor.to(device)
+            dist.all_reduce(moved)
+            tensor.copy_(moved)
+
+
+def _squared_distances(values: Tensor, sq_x: Tensor, sq_y: Tensor, symmetric: bool) -> Tensor:
+    """``|x|^2 + |y|^2 - 2 v``, clamped at 0 (and 0 on the diagonal when symmetric)."""
+    d2 = (sq_x.unsqueeze(1) + sq_y.unsqueeze(0) - 2 * values).clamp_min(0.0)
+    if symmetric:
+        d2.fill_diagonal_(0.0)
+    return d2
+
+
+def _median_sigma(values: Tensor, sq_x: Tensor, sq_y: Tensor, symmetric: bool) -> float:
+    """Median heuristic: sigma^2 is the median squared distance over the off-diagonal pairs
+    (all pairs when not ``symmetric``), or 1 if that median is 0."""
+    d2 = _squared_distances(values, sq_x, sq_y, symmetric)
+    pool = d2[torch.triu_indices(*d2.shape, offset=1).unbind()] if symmetric else d2.flatten()
+    sigma_sq = float(pool.median())
+    return (sigma_sq if sigma_sq > 0 else 1.0) ** 0.5
+
+
+def _apply_kernel(
+    values: Tensor,
+    sq_x: Tensor,
+    sq_y: Tensor,
+    kernel: str,
+    sigma: float | None,
+    symmetric: bool,
+) -> Tensor:
+    """Kernel matrix from aligned inner products ``values`` (N, M) and squared norms.
+
+    cosine: ``v / (|x| |y|)``, 0 where a norm is 0. rbf: ``exp(-d2 / (2 sigma^2))`` with
+    ``d2 = |x|^2 + |y|^2 - 2 v`` and ``sigma`` from :func:`_median_sigma` when None.
+    """
+    if kernel == "inner":
+        return values
+    if kernel == "cosine":
+        denom = (sq_x.unsqueeze(1) * sq_y.unsqueeze(0)).sqrt()
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+        return torch.where(denom > 0, values / safe, torch.zeros_like(values)).clamp(-1.0, 1.0)
+    if sigma is None:
+        sigma = _median_sigma(values, sq_x, sq_y, symmetric)
+    d2 = _squared_distances(values, sq_x, sq_y, symmetric)
+    return torch.exp(-d2 / (2 * float(sigma) ** 2))
+
+
+def semantic_rsm(
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    kernel: str = "cosine",
+    matcher: str = "exact",
+    sigma: float | None = None,
+    window: int = 8,
+    max_positions: int | None = None,
+    block_size: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+    return_gap: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
+
+    Entry ``(i, j)`` is the kernel applied to X_i and Y_j after permuting Y_j's S positions to
+    maximise ``sum_s <X_i[s], Y_j[P(s)]>`` (Wald et al., NeurIPS 2024). It is invariant to any
+    permutation of either sample's positions, e.g. a circular shift of a feature map.
+
+    Args:
+        x: float tensor of shape ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` (CPU or CUDA).
+        y: optional second set of the same shape after dim 0, ``(M, ...)``; default ``x``.
+        kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
+        matcher: ``"exact"`` (optimal, scipy), ``"windowed"`` (sort concept vectors by norm,
+            solve consecutive windows of ``window`` exactly) or ``"greedy"``. Both
+            approximations return a feasible permutation, so their aligned inner product is a
+            **lower bound** on the exact one.
+        sigma: RBF bandwidth; default the median heuristic (see :func:`_apply_kernel`).
+        window: window size of the ``"windowed"`` matcher.
+        max_positions: cap on S; larger maps are adaptive-average-pooled (see
+            :func:`~lightning_rsm.functional.to_concepts`).
+        block_size: pairs per block (default from S, so a block holds about 2M scores).
+        num_workers: solver threads (default: all cores on CPU, 1 on CUDA).
+        progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
+        return_gap: also return, per entry, a certified bound on the distance from the exact
+            kernel value (0 for ``matcher="exact"``).
+
+    Returns:
+        tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
+        ``x``'s dtype (float32 for half precision inputs); with ``return_gap`` the pair
+        ``(rsm, gap)``. Cosine entries of a sample whose features are all zero are 0.
+
+    Raises:
+        TypeError: If ``x`` or ``y`` is not a real tensor.
+        ValueError: If a name is unknown, ``x`` has another number of dimensions, fewer than 2
+            samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ in S or C.
+
+    Example:
+        >>> import torch
+        >>> a = torch.rand(1, 8, 4, 4)
+        >>> x = torch.cat([a, a.roll(1, dims=3)])      # same content, shifted one column
+        >>> semantic_rsm(x, kernel="cosine")[0, 1]     # the shift costs nothing
+        tensor(1.)
+    """
+    _check_options(kernel, matcher, sigma, window)
+    for name, value in (("block_size", block_size), ("num_workers", num_workers)):
+        if value is not None and not _is_positive_int(value):
+            raise ValueError(f"Expected `{name}` to be a positive int or None, but got {value!r}.")
+    _check_pair(x, y)
+    xs, ys = _prepare(x, y, max_positions)
+    symmetric = y is None
+    lower, upper = _assignment_bounds(
+        xs, ys, symmetric, matcher, {"window": window}, block_size, num_workers, progress
+    )
+    sq_x = _squared_norms(xs)
+    sq_y = sq_x if symmetric else _squared_norms(ys)
+    if kernel == "rbf" and sigma is None:
+        sigma = _median_sigma(lower, sq_x, sq_y, symmetric)
+    rsm = _apply_kernel(lower, sq_x, sq_y, kernel, sigma, symmetric)
+    if not return_gap:
+        return rsm.to(xs.dtype)
+    # The kernels are increasing in v, so the upper bound on v bounds the kernel from above.
+    gap = _apply_kernel(upper, sq_x, sq_y, kernel, sigma, symmetric) - rsm
+    return rsm.to(xs.dtype), gap.clamp_min(0.0).to(xs.dtype)
+
+
+def spatio_semantic_rsm(
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    kernel: str = "cosine",
+    sigma: float | None = None,
+) -> Tensor:
+    """Classic (spatio-semantic) RSM: kernel of the flattened representations.
+
+    Two samples are only similar when the same content sits at the same position; this is the
+    baseline the semantic RSM is compared with, and equals it when S = 1.
+
+    Args:
+        x: float tensor of shape ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)``.
+        y: optional second set of the same shape after dim 0; default ``x``.
+        kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
+        sigma: RBF bandwidth; default the median heuristic.
+
+    Returns:
+        tensor of shape ``(N, M)`` on ``x``'s device, in ``x``'s dtype.
+
+    Raises:
+        TypeError: If ``x`` or ``y`` is not a real tensor.
+        ValueError: If ``kernel`` is unknown, ``x`` has another number of dimensions, fewer than
+            2 samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ after dim 0.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[[[1.0, 0.0]]]])         # (1, 1, 1, 2): one channel, two positions
+        >>> spatio_semantic_rsm(torch.cat([a, a.roll(1, dims=3)]))
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    _check_options(kernel, "exact", sigma, 1)
+    _check_pair(x, y)
+    xs, ys = _prepare(x, y, None)
+    symmetric = y is None
+    flat_x, flat_y = xs.flatten(1), ys.flatten(1)
+    traces = (flat_x @ flat_y.T).double()
+    sq_x = _squared_norms(xs)
+    sq_y = sq_x if symmetric else _squared_norms(ys)
+    if symmetric:
+        traces = (traces + traces.T) / 2
+        traces.diagonal().copy_(sq_x)
+    return _apply_kernel(traces, sq_x, sq_y, kernel, sigma, symmetric).to(xs.dtype)
