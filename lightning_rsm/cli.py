@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
+
 _RESERVED = ("labels", "logits")
 _KINDS = ("semantic", "baseline")
 
@@ -210,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="output file for the RSMs, e.g. rsms.pt",
     )
-    compute.add_argument("--kernel", default="cosine", choices=["cosine", "inner", "rbf"])
-    compute.add_argument("--matcher", default="exact", help="LAP solver (default: exact)")
+    compute.add_argument("--kernel", default="cosine", choices=sorted(_KERNELS))
+    compute.add_argument(
+        "--matcher", default="exact", choices=sorted(_MATCHERS), help="LAP solver (default: exact)"
+    )
     compute.add_argument(
         "--max-positions",
         type=_positive_int,

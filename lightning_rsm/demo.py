@@ -104,7 +104,9 @@ def split_probe(labels: Tensor, per_class: int, *, seed: int = 0) -> tuple[Tenso
 
 
 class DigitsCNN(pl.LightningModule):
-    """Three conv blocks and a linear head; the blocks are the monitored layers.
+    """Three conv blocks (conv, batch norm, ReLU, max pool) and a linear head.
+
+    The blocks are the monitored layers.
 
     On a 32 x 32 input, ``block1``, ``block2`` and ``block3`` output feature maps of
     16 x 16, 8 x 8 and 4 x 4 positions; ``head`` outputs 10 logits.
@@ -124,7 +126,12 @@ class DigitsCNN(pl.LightningModule):
         self.save_hyperparameters()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
 
         self.block1 = block(1, width)
         self.block2 = block(width, 2 * width)
@@ -217,7 +224,7 @@ def run_demo(
     images, labels = shifted_digits(seed=seed)
     probe_idx, train_idx = split_probe(labels, per_class, seed=seed)
     val_idx = probe_idx
-    train = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), 64, shuffle=True)
+    train = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), 32, shuffle=True)
     val = DataLoader(TensorDataset(images[val_idx], labels[val_idx]), 256)
     monitor = RSMMonitor(
         (images[probe_idx], labels[probe_idx]),

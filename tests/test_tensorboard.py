@@ -105,7 +105,9 @@ def test_logged_scores_equal_a_direct_computation(run):
 def test_heatmaps_and_layer_rsa_are_written_once_per_evaluation(run):
     _, monitor, events, _ = run
     tags = set(events.Tags()["images"])
-    expected = {f"rsm/{layer}/{kind}/heatmap" for layer in LAYERS for kind in ("semantic", "baseline")}
+    expected = {
+        f"rsm/{layer}/{kind}/heatmap" for layer in LAYERS for kind in ("semantic", "baseline")
+    }
     assert expected | {"rsm/layer_rsa"} == tags
     for tag in tags:
         stored = events.Images(tag)

@@ -29,8 +29,7 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
     to_concepts,
 )
-from lightning_rsm.functional.matching import _MATCHERS
-from lightning_rsm.functional.rsm import _KERNELS
+from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
 
 _RSA_METHODS = ("cka", "kendall", "pearson", "spearman")
