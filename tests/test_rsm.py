@@ -2,6 +2,11 @@
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -219,3 +224,26 @@ def test_non_finite_input_reports_count_and_location():
         semantic_rsm(torch.rand(4, 2, 3, 3), x)
     with pytest.raises(ValueError, match="`x` to be finite"):
         spatio_semantic_rsm(x)
+
+
+def test_ctrl_c_stops_a_long_computation():
+    script = (
+        "import torch; from lightning_rsm.functional import semantic_rsm\n"
+        "x = torch.randn(1000, 64, 8, 8).relu()\n"
+        "print('started', flush=True)\n"
+        "semantic_rsm(x, progress=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err
+    assert "pair" in err  # the progress bar was running

@@ -1,5 +1,7 @@
 """Pure tensor -> tensor functions: representations, matching, RSMs and their quality."""
 
+from lightning_rsm.functional.agreement import jensen_shannon_similarity, probability_agreement
+from lightning_rsm.functional.comparison import compare_rsms
 from lightning_rsm.functional.matching import (
     assignment_upper_bound,
     match_exact,
@@ -7,13 +9,26 @@ from lightning_rsm.functional.matching import (
     match_windowed,
 )
 from lightning_rsm.functional.representations import to_concepts
+from lightning_rsm.functional.retrieval import (
+    retrieval_average_precision,
+    retrieval_f1_at_1,
+    retrieval_precision,
+    retrieval_recall,
+)
 from lightning_rsm.functional.rsm import semantic_rsm, spatio_semantic_rsm
 
 __all__ = [
     "assignment_upper_bound",
+    "compare_rsms",
+    "jensen_shannon_similarity",
     "match_exact",
     "match_greedy",
     "match_windowed",
+    "probability_agreement",
+    "retrieval_average_precision",
+    "retrieval_f1_at_1",
+    "retrieval_precision",
+    "retrieval_recall",
     "semantic_rsm",
     "spatio_semantic_rsm",
     "to_concepts",

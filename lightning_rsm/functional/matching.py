@@ -59,11 +59,10 @@ def assignment_upper_bound(scores: Tensor) -> Tensor:
 
 def _exact_values(scores: np.ndarray) -> np.ndarray:
     """Optimal assignment value of each ``(S, S)`` matrix in ``scores`` (scipy, maximising)."""
-    values = np.empty(scores.shape[0], dtype=np.float64)
+    cols = np.empty(scores.shape[:2], dtype=np.intp)
     for b, matrix in enumerate(scores):
-        rows, cols = linear_sum_assignment(matrix, maximize=True)
-        values[b] = matrix[rows, cols].sum()
-    return values
+        cols[b] = linear_sum_assignment(matrix, maximize=True)[1]
+    return np.take_along_axis(scores, cols[:, :, None], axis=2).sum(axis=(1, 2))
 
 
 def match_exact(scores: Tensor) -> MatchResult:

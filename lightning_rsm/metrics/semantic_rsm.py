@@ -1,0 +1,282 @@
+"""``SemanticRSM``: accumulate a layer's representations, compute the RSM and its quality."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE, _error_on_missing_matplotlib
+
+from lightning_rsm.functional.agreement import _check_distributions, probability_agreement
+from lightning_rsm.functional.comparison import _CORRELATIONS, _check_method
+from lightning_rsm.functional.retrieval import (
+    _EMPTY_TARGET_ACTIONS,
+    _check_k,
+    _check_labels,
+    _retrieval_compute,
+)
+from lightning_rsm.metrics._base import _SemanticRSMBase
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _label_order(labels: Tensor) -> Tensor:
+    """Sample order for plotting: by class id, or by first set label (samples without any last);
+    stable, so samples of one group keep their order."""
+    if labels.ndim == 1:
+        return torch.sort(labels, stable=True).indices
+    has_label = labels.any(1)
+    first = torch.where(has_label, labels.int().argmax(1), labels.shape[1])
+    return torch.sort(first, stable=True).indices
+
+
+class SemanticRSM(_SemanticRSMBase):
+    """Semantic RSM of representations gathered batch by batch, with its quality scores.
+
+    ``update`` stores each batch's representations (and optionally labels and logits);
+    ``compute`` builds the semantic RSM of all samples with
+    :func:`~lightning_rsm.functional.semantic_rsm` and scores it:
+
+    ===========================  ==============================================  ===============
+    key                          value                                           needs
+    ===========================  ==============================================  ===============
+    ``"rsm"``                    the ``(N, N)`` semantic RSM                     features
+    ``"map"``                    ``retrieval_average_precision`` (``top_k``)     labels
+    ``"precision@k"``            ``retrieval_precision`` for each k in ``ks``    labels
+    ``"recall@k"``               ``retrieval_recall`` for each k in ``ks``       labels
+    ``"f1@1"``                   ``retrieval_f1_at_1``                           multi-hot labels
+    ``"probability_agreement"``  ``probability_agreement``                       logits
+    ===========================  ==============================================  ===============
+
+    All scores are higher-is-better. States are lists reduced with ``"cat"``, so under DDP
+    ``compute`` sees every rank's samples (rank 0's first) and returns the same on all ranks;
+    the RSM's row order is the order samples were gathered in.
+
+    .. note::
+        Representations are kept until ``reset()``: memory grows as N * S * C floats (after
+        pooling to ``max_positions``), and the exact matcher's cost grows as N^2 S^3. Use it
+        on a fixed probe set. Call ``update`` per batch; ``forward`` also builds the batch's
+        own RSM, which costs a matching per batch.
+
+    Args:
+        kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
+        matcher: ``"exact"``, ``"windowed"`` or ``"greedy"`` (see ``semantic_rsm``).
+        sigma: RBF bandwidth; default the median heuristic.
+        window: window size of the ``"windowed"`` matcher.
+        max_positions: pool each sample to at most this many concept vectors on ``update``.
+        top_k: rank depth for ``"map"``; ``None`` for the whole ranking.
+        ks: the k of ``"precision@k"`` and ``"recall@k"``.
+        correlation: ``"pearson"``, ``"spearman"`` or ``"kendall"`` for the agreement.
+        from_logits: whether ``logits`` are logits (softmax applied) or probabilities.
+        empty_target_action: ``"skip"``, ``"neg"``, ``"pos"`` or ``"error"`` for queries with
+            no relevant sample (see :mod:`lightning_rsm.functional.retrieval`).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Raises:
+        ValueError: If an option is unknown or out of range.
+        TypeError: If ``from_logits`` is not a bool.
+
+    Example:
+        >>> import torch
+        >>> from lightning_rsm.metrics import SemanticRSM
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a, b = torch.rand(2, 1, 8, 4, 4, generator=g)    # two patterns of (1, C, H, W)
+        >>> metric = SemanticRSM()
+        >>> metric.update(torch.cat([a, a.roll(1, 3)]), labels=torch.tensor([0, 0]))
+        >>> metric.update(torch.cat([b, b.roll(2, 2)]), labels=torch.tensor([1, 1]))
+        >>> scores = metric.compute()
+        >>> scores["rsm"].shape
+        torch.Size([4, 4])
+        >>> scores["map"], scores["precision@1"]            # shifted copies find each other
+        (tensor(1.), tensor(1.))
+    """
+
+    higher_is_better = True
+
+    features: list[Tensor]
+    labels: list[Tensor]
+    logits: list[Tensor]
+
+    def __init__(
+        self,
+        kernel: str = "cosine",
+        matcher: str = "exact",
+        *,
+        sigma: float | None = None,
+        window: int = 8,
+        max_positions: int | None = None,
+        top_k: int | None = None,
+        ks: Sequence[int] = (1,),
+        correlation: str = "pearson",
+        from_logits: bool = True,
+        empty_target_action: str = "skip",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            kernel=kernel,
+            matcher=matcher,
+            sigma=sigma,
+            window=window,
+            max_positions=max_positions,
+            **kwargs,
+        )
+        if not (top_k is None or _is_positive_int(top_k)):
+            raise ValueError(f"Expected `top_k` to be a positive int or None, but got {top_k!r}.")
+        if not (isinstance(ks, Sequence) and len(ks) > 0 and all(map(_is_positive_int, ks))):
+            raise ValueError(
+                f"Expected `ks` to be a non-empty sequence of positive ints, but got {ks!r}."
+            )
+        _check_method(correlation, _CORRELATIONS, "correlation")
+        if not isinstance(from_logits, bool):
+            raise TypeError(
+                f"Expected `from_logits` to be a bool, but got {type(from_logits).__name__}."
+            )
+        if empty_target_action not in _EMPTY_TARGET_ACTIONS:
+            raise ValueError(
+                f"Expected `empty_target_action` to be one of {list(_EMPTY_TARGET_ACTIONS)}, "
+                f"but got {empty_target_action!r}."
+            )
+        self.top_k = top_k
+        self.ks = tuple(ks)
+        self.correlation = correlation
+        self.from_logits = from_logits
+        self.empty_target_action = empty_target_action
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+
+    def _check_presence(self, name: str, value: Tensor | None) -> None:
+        """Labels and logits must come with every update or with none."""
+        earlier = bool(len(getattr(self, name)))
+        if len(self.features) and (value is not None) != earlier:
+            raise ValueError(
+                f"Expected `{name}` in every update or in none, but update "
+                f"{len(self.features) + 1} is {'with' if value is not None else 'without'} "
+                f"`{name}` and the earlier ones were {'with' if earlier else 'without'}."
+            )
+
+    def update(
+        self, features: Tensor, labels: Tensor | None = None, logits: Tensor | None = None
+    ) -> None:
+        """Store a batch.
+
+        Args:
+            features: representations of shape ``(B, C, H, W)``, ``(B, T, D)`` or ``(B, D)``.
+            labels: class ids of shape ``(B,)`` or multi-hot labels of shape ``(B, L)``.
+            logits: logits (or probabilities if not ``from_logits``) of shape ``(B, K)``.
+
+        Raises:
+            TypeError: As ``semantic_rsm``, ``retrieval_average_precision`` and
+                ``probability_agreement`` for their inputs.
+            ValueError: If shapes differ from the batch size or earlier updates, values are
+                invalid, or labels/logits are given in some updates but not others.
+        """
+        concepts = self._concepts(features, "features", self.features)
+        n = concepts.shape[0]
+        context = "the {n} samples of `features`"
+        self._check_presence("labels", labels)
+        self._check_presence("logits", logits)
+        if labels is not None:
+            _check_labels(labels, n, context)
+            earlier = self.labels[0].shape[1:] if len(self.labels) else labels.shape[1:]
+            if labels.shape[1:] != earlier:
+                expected = f"(B, {earlier[0]})" if earlier else "(B,)"
+                raise ValueError(
+                    f"Expected `labels` of shape {expected} like the earlier updates, "
+                    f"but got shape {tuple(labels.shape)}."
+                )
+            self.labels.append(labels.detach().to(self.device, torch.long))
+        if logits is not None:
+            _check_distributions(logits, self.from_logits, "logits", n, context)
+            if len(self.logits) and logits.shape[1] != self.logits[0].shape[1]:
+                raise ValueError(
+                    f"Expected `logits` of shape (B, {self.logits[0].shape[1]}) like the "
+                    f"earlier updates, but got shape {tuple(logits.shape)}."
+                )
+            self.logits.append(logits.detach().to(self.device))
+        self.features.append(concepts.to(self.device))
+
+    def compute(self) -> dict[str, Tensor]:
+        """The semantic RSM of all stored samples and its scores (see the class docstring).
+
+        Raises:
+            ValueError: If nothing was stored, fewer than 2 samples were, ``top_k`` or a k in
+                ``ks`` exceeds N - 1, or ``empty_target_action="error"`` meets a query with
+                no relevant sample.
+        """
+        rsm = self._semantic_rsm(self.features, "features")
+        out = {"rsm": rsm}
+        n = rsm.shape[0]
+        if len(self.labels):
+            labels = dim_zero_cat(self.labels)
+            for k in self.ks:
+                _check_k(k, "k", n)
+            if self.top_k is not None:
+                _check_k(self.top_k, "top_k", n)
+            out.update(
+                _retrieval_compute(
+                    rsm,
+                    labels,
+                    top_k=self.top_k,
+                    ks=self.ks,
+                    f1=labels.ndim == 2,
+                    empty_target_action=self.empty_target_action,
+                )
+            )
+        if len(self.logits):
+            out["probability_agreement"] = probability_agreement(
+                rsm,
+                dim_zero_cat(self.logits),
+                correlation=self.correlation,
+                from_logits=self.from_logits,
+            )
+        return out
+
+    def plot(
+        self, val: dict[str, Tensor] | Tensor | None = None, ax: _AX_TYPE | None = None
+    ) -> _PLOT_OUT_TYPE:
+        """Draw the RSM as a heatmap, samples sorted by label (when labels were stored).
+
+        Args:
+            val: a result of ``compute()`` (or its ``"rsm"``); default: call ``compute()``.
+            ax: a matplotlib axis to draw into; default a new figure.
+
+        Returns:
+            ``(figure, axis)``.
+
+        Raises:
+            ModuleNotFoundError: If matplotlib is not installed.
+        """
+        _error_on_missing_matplotlib()
+        import matplotlib.pyplot as plt
+
+        val = self.compute() if val is None else val
+        rsm = val["rsm"] if isinstance(val, dict) else val
+        order = torch.arange(rsm.shape[0])
+        boundaries: list[float] = []
+        by_label = bool(len(self.labels)) and dim_zero_cat(self.labels).shape[0] == rsm.shape[0]
+        if by_label:
+            labels = dim_zero_cat(self.labels).cpu()
+            order = _label_order(labels)
+            if labels.ndim == 1:
+                ranked = labels[order]
+                boundaries = [i - 0.5 for i in range(1, len(ranked)) if ranked[i] != ranked[i - 1]]
+        fig, ax = plt.subplots() if ax is None else (ax.get_figure(), ax)
+        image = ax.imshow(rsm.detach().cpu()[order][:, order].float().numpy(), cmap="viridis")
+        for b in boundaries:
+            ax.axhline(b, color="white", linewidth=0.5)
+            ax.axvline(b, color="white", linewidth=0.5)
+        fig.colorbar(image, ax=ax, label=f"{self.kernel} similarity")
+        title = f"semantic RSM ({self.kernel}, {self.matcher})"
+        if isinstance(val, dict) and "map" in val:
+            title += f", mAP {float(val['map']):.3f}"
+        ax.set_title(title)
+        axis_label = f"sample (sorted by {'label' if by_label else 'index'})"
+        ax.set_xlabel(axis_label)
+        ax.set_ylabel(axis_label)
+        return fig, ax
