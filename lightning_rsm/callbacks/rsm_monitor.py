@@ -29,10 +29,9 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
     to_concepts,
 )
+from lightning_rsm.functional.comparison import _COMPARISONS
 from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
-
-_RSA_METHODS = ("cka", "kendall", "pearson", "spearman")
 
 Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor]
 
@@ -228,7 +227,7 @@ class RSMMonitor(Callback):
         for name, value, allowed in (
             ("kernel", kernel, sorted(_KERNELS)),
             ("matcher", matcher, sorted(_MATCHERS)),
-            ("rsa_method", rsa_method, list(_RSA_METHODS)),
+            ("rsa_method", rsa_method, sorted(_COMPARISONS)),
         ):
             if value not in allowed:
                 raise MisconfigurationException(
