@@ -151,7 +151,9 @@ def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) ->
         vmax = max(float(v.max()) for v in values)
         for col, (kind, rsm) in enumerate(zip(kinds, values, strict=True)):
             ax = axes[row][col]
-            image = ax.imshow(sort_by_label(rsm, labels), vmin=vmin, vmax=vmax, cmap="viridis")
+            image = ax.imshow(
+                sort_by_label(rsm, labels).numpy(), vmin=vmin, vmax=vmax, cmap="viridis"
+            )
             ax.set_title(f"{layer}: {kind}")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -162,7 +164,13 @@ def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) ->
 def _demo(args: argparse.Namespace) -> None:
     from lightning_rsm.demo import run_demo
 
-    run_demo(log_dir=args.log_dir, epochs=args.epochs, per_class=args.per_class, seed=args.seed)
+    run_demo(
+        log_dir=args.log_dir,
+        epochs=args.epochs,
+        per_class=args.per_class,
+        train_size=args.train_size,
+        seed=args.seed,
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -240,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-dir", default="runs/demo", help="TensorBoard log folder")
     demo.add_argument("--epochs", type=_positive_int, default=4)
     demo.add_argument("--per-class", type=_positive_int, default=15, help="probe images per class")
+    demo.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=None,
+        help="train on only this many images (default: all but the probe)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser

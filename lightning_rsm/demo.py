@@ -197,6 +197,7 @@ def run_demo(
     log_dir: str | Path = "runs/demo",
     epochs: int = 4,
     per_class: int = 15,
+    train_size: int | None = None,
     width: int = 16,
     seed: int = 0,
     matcher: str = "exact",
@@ -209,6 +210,7 @@ def run_demo(
         log_dir: folder of the TensorBoard logs (``tensorboard --logdir <log_dir>``).
         epochs: training epochs; the RSMs are evaluated after each.
         per_class: probe samples per class (the probe holds ``10 * per_class`` images).
+        train_size: train on only this many of the remaining images (for a quick try).
         width: channels of the first conv block.
         seed: seed of the data, the split and the weights.
         matcher: the LAP solver of the semantic RSM.
@@ -223,6 +225,7 @@ def run_demo(
     pl.seed_everything(seed, verbose=False)
     images, labels = shifted_digits(seed=seed)
     probe_idx, train_idx = split_probe(labels, per_class, seed=seed)
+    train_idx = train_idx[:train_size]
     val_idx = probe_idx
     train = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), 32, shuffle=True)
     val = DataLoader(TensorDataset(images[val_idx], labels[val_idx]), 256)
