@@ -246,6 +246,7 @@ def run_demo(
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=10,
     )
     start = time.perf_counter()
     trainer.fit(DigitsCNN(width=width), train, val)

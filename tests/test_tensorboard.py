@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
@@ -15,6 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
+from lightning_rsm.cli import main
+from lightning_rsm.demo import DEMO_LAYERS
 from lightning_rsm.functional import (
     compare_rsms,
     probability_agreement,
@@ -118,3 +128,101 @@ def test_heatmaps_and_layer_rsa_are_written_once_per_evaluation(run):
         assert image[0, 0].tolist() == [253, 231, 37]
     assert monitor.layer_rsa.shape == (2, 2)
     assert torch.equal(monitor.layer_rsa, monitor.layer_rsa.T)
+
+
+# ------------------------------------------------------------------ the real TensorBoard server
+
+
+@pytest.fixture(scope="module")
+def demo_logs(tmp_path_factory):
+    """A short `lightning-rsm demo` run: its log folder and what it printed."""
+    log_dir = tmp_path_factory.mktemp("demo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(
+            [
+                "demo",
+                "--epochs",
+                "2",
+                "--per-class",
+                "3",
+                "--train-size",
+                "96",
+                "--log-dir",
+                str(log_dir),
+            ]
+        )
+    assert status == 0
+    return log_dir, out.getvalue()
+
+
+def test_demo_prints_a_row_per_epoch_and_layer(demo_logs):
+    _, printed = demo_logs
+    rows = [line.split() for line in printed.splitlines() if line[:5].strip().isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [
+        (str(epoch), layer) for epoch in (0, 1) for layer in DEMO_LAYERS
+    ]
+    for row in rows:
+        assert all(-1.0 <= float(value) <= 1.0 for value in row[2:])
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def test_tensorboard_server_serves_the_scalars_and_images(demo_logs):
+    log_dir, _ = demo_logs
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(log_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = None
+        lines = []
+        while base is None:
+            line = server.stdout.readline()
+            assert line, f"tensorboard exited: {''.join(lines)}"
+            lines.append(line)
+            found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            base = found.group(1) if found else None
+        deadline = time.monotonic() + 60
+        tags = {}
+        while not tags.get(".") and time.monotonic() < deadline:
+            tags = json.loads(_get(f"{base}/data/plugin/scalars/tags"))
+            time.sleep(0.5)
+        scalar_tags = set(tags["."])
+        for layer in DEMO_LAYERS:
+            assert {f"rsm/{layer}/semantic/map", f"rsm/{layer}/baseline/map"} <= scalar_tags
+        query = urllib.parse.urlencode({"run": ".", "tag": "rsm/block2/semantic/map"})
+        points = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
+        assert len(points) == 2  # [wall_time, step, value] per epoch
+        assert all(0.0 <= value <= 1.0 for _, _, value in points)
+
+        image_tags = json.loads(_get(f"{base}/data/plugin/images/tags"))["."]
+        assert "rsm/block2/semantic/heatmap" in image_tags
+        query = urllib.parse.urlencode({"run": ".", "tag": "rsm/block2/semantic/heatmap"})
+        meta = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
+        assert len(meta) == 2
+        png = _get(f"{base}/data/plugin/images/individualImage?{meta[-1]['query']}")
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.size[0] >= 256
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
