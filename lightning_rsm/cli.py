@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--log-dir", default="runs/demo", help="TensorBoard log folder")
-    demo.add_argument("--epochs", type=_positive_int, default=4)
-    demo.add_argument("--per-class", type=_positive_int, default=15, help="probe images per class")
+    demo.add_argument("--epochs", type=_positive_int, default=3)
+    demo.add_argument("--per-class", type=_positive_int, default=12, help="probe images per class")
     demo.add_argument(
         "--train-size",
         type=_positive_int,

@@ -195,8 +195,8 @@ def format_table(history: Sequence[dict[str, float]], layers: Sequence[str]) -> 
 def run_demo(
     *,
     log_dir: str | Path = "runs/demo",
-    epochs: int = 4,
-    per_class: int = 15,
+    epochs: int = 3,
+    per_class: int = 12,
     train_size: int | None = None,
     width: int = 16,
     seed: int = 0,
