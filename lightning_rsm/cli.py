@@ -164,6 +164,13 @@ def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) ->
 def _demo(args: argparse.Namespace) -> None:
     from lightning_rsm.demo import run_demo
 
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise _CliError(
+            "Expected scikit-learn to be installed for the demo's data, but it is not: "
+            "pip install 'lightning-rsm[demo]'."
+        ) from None
     run_demo(
         log_dir=args.log_dir,
         epochs=args.epochs,
