@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from lightning_rsm.functional import semantic_rsm
 
-CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed")]
+CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed"), ("cosine", "auction")]
 
 
 def features() -> torch.Tensor:
