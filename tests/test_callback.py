@@ -121,15 +121,35 @@ class FiveDimNet(TinyNet):
 
 def test_layer_output_of_a_bad_shape_fails_at_fit_start(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["extra"])
-    with pytest.raises(ValueError, match=r"layer 'extra'.*but got shape \(2, 1, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"`extra` to be representations.*\(2, 1, 1, 8, 8\)"):
         fit(FiveDimNet(), loader, monitor, tmp_path)
 
 
 def test_layer_that_never_runs_fails_at_fit_start(loader, probe, tmp_path):
     model = TinyNet()
     model.unused = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="'unused'.*hook was never called"):
+    with pytest.raises(ValueError, match="'unused' to output 2 samples along dim 0.*but got 0"):
         fit(model, loader, RSMMonitor(probe, ["unused"]), tmp_path)
+
+
+class TwiceNet(TinyNet):
+    def forward(self, x: Tensor) -> Tensor:
+        self.pool(self.conv(x))
+        return super().forward(x)
+
+
+def test_layer_that_runs_twice_fails_at_fit_start(loader, probe, tmp_path):
+    with pytest.raises(ValueError, match="'pool' to output 2 samples along dim 0.*but got 4"):
+        fit(TwiceNet(), loader, RSMMonitor(probe, ["pool"]), tmp_path)
+
+
+def test_mid_epoch_validation_does_not_add_evaluations(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    trainer = fit(
+        TinyNetWithVal(), loader, monitor, tmp_path, val=loader, max_epochs=2, val_check_interval=1
+    )
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed > 2 * 3
+    assert [(row["epoch"], row["step"]) for row in monitor.history] == [(0, 3), (1, 6)]
 
 
 # ------------------------------------------------------------------ schedule

@@ -339,13 +339,7 @@ class RSMMonitor(Callback):
         if self._labels is None:
             self._warn_once("The probe has no labels: retrieval scores are not computed.")
         with _untouched(pl_module):
-            features, logits = self._forward(trainer, pl_module, self._inputs[:2])
-        for layer, x in features.items():
-            if x.ndim not in (2, 3, 4):
-                raise ValueError(
-                    f"Expected the output of layer {layer!r} to have shape (N, C, H, W), "
-                    f"(N, T, D) or (N, D), but got shape {tuple(x.shape)}."
-                )
+            _, logits = self._forward(trainer, pl_module, self._inputs[:2])
         if logits is None:
             if self.logits_fn is not None:
                 raise ValueError(
@@ -430,7 +424,8 @@ class RSMMonitor(Callback):
     def _forward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor
     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Features ``(N, ...)`` of each layer (pooled to ``max_positions``) and logits or None."""
+        """Concept vectors ``(N, S, C)`` of each layer (pooled to ``max_positions``), and logits
+        ``(N, K)`` or None."""
         modules = dict(pl_module.named_modules())
         captured: dict[str, list[Tensor]] = {layer: [] for layer in self.layers}
 
@@ -442,7 +437,9 @@ class RSMMonitor(Callback):
                         f"Expected layer {layer!r} to output a tensor or a tuple holding one, "
                         f"but got {type(output).__name__}."
                     )
-                captured[layer].append(x.detach().float())
+                # pooled per batch, so a large map is never held for the whole probe
+                x = to_concepts(x.detach().float(), max_positions=self.max_positions, name=layer)
+                captured[layer].append(x)
 
             return capture
 
@@ -454,6 +451,14 @@ class RSMMonitor(Callback):
                 batch = inputs[start : start + self.batch_size].to(pl_module.device)
                 with trainer.precision_plugin.forward_context():
                     output = pl_module(batch)
+                for layer, parts in captured.items():
+                    calls = sum(len(part) for part in parts) - start
+                    if calls != batch.shape[0]:
+                        raise ValueError(
+                            f"Expected layer {layer!r} to output {batch.shape[0]} samples along "
+                            f"dim 0 in a forward pass of {batch.shape[0]}, but got {calls} (a "
+                            "module that does not run, runs repeatedly or is not batch-first)."
+                        )
                 if logits_parts is not None:
                     logits = self.logits_fn(output) if self.logits_fn else _first_tensor(output)
                     if (
@@ -468,14 +473,7 @@ class RSMMonitor(Callback):
         finally:
             for handle in handles:
                 handle.remove()
-        features = {}
-        for layer, parts in captured.items():
-            if not parts:
-                raise ValueError(
-                    f"Expected layer {layer!r} to run in the model's forward pass, "
-                    "but its forward hook was never called."
-                )
-            features[layer] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        features = {layer: torch.cat(parts) for layer, parts in captured.items()}
         return features, None if logits_parts is None else torch.cat(logits_parts)
 
     def _evaluate(
@@ -487,7 +485,7 @@ class RSMMonitor(Callback):
         scores: dict[str, float] = {}
         rsms: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
-            concepts = to_concepts(features.pop(layer), max_positions=self.max_positions)
+            concepts = features.pop(layer)
             kinds = {"semantic": semantic_rsm(concepts, kernel=self.kernel, matcher=self.matcher)}
             if self.baseline:
                 kinds["baseline"] = spatio_semantic_rsm(concepts, kernel=self.kernel)
