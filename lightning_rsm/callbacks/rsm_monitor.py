@@ -176,15 +176,27 @@ class RSMMonitor(Callback):
         ValueError: If the probe or a target has a bad shape (at construction for tensors, at
             fit start for loaders), or, at fit start, a layer's output is not a representation.
 
-    Example::
-
-        from pytorch_lightning import Trainer
-        from lightning_rsm import RSMMonitor
-
-        monitor = RSMMonitor((probe_images, probe_labels), ["block1", "block2"])
-        trainer = Trainer(max_epochs=10, callbacks=[monitor])
-        trainer.fit(model, train_loader, val_loader)
-        # TensorBoard: rsm/block1/semantic/map, rsm/block1/baseline/map, ...
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_rsm.demo import DigitsCNN
+        >>> x, y = torch.rand(20, 1, 32, 32), torch.arange(20) % 10
+        >>> monitor = RSMMonitor((x[:10], y[:10]), ["block2", "block3"])
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+        >>> trainer.fit(DigitsCNN(width=4), DataLoader(TensorDataset(x, y), batch_size=10))
+        >>> [row["epoch"] for row in monitor.history]
+        [0, 1]
+        >>> for name in sorted(monitor.history[1]):
+        ...     if name.startswith("rsm/block3/"):
+        ...         print(name)
+        rsm/block3/baseline/agreement
+        rsm/block3/baseline/map
+        rsm/block3/baseline/precision@1
+        rsm/block3/rsa_to_previous
+        rsm/block3/semantic/agreement
+        rsm/block3/semantic/map
+        rsm/block3/semantic/precision@1
     """
 
     def __init__(
