@@ -235,7 +235,7 @@ def run_demo(
         matcher=matcher,
         max_positions=max_positions,
     )
-    logger = pl.loggers.TensorBoardLogger(str(log_dir), name="", version="")
+    logger = pl.loggers.TensorBoardLogger(str(log_dir), name="")  # a version_<n> per run
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -254,6 +254,7 @@ def run_demo(
     seconds = time.perf_counter() - start
     print(
         f"\n{len(images[train_idx])} training images, probe of {len(probe_idx)} shifted digits, "
-        f"{epochs} epochs in {seconds:.0f} s. TensorBoard: tensorboard --logdir {log_dir}"
+        f"{epochs} epochs in {seconds:.0f} s. Logs in {logger.log_dir}; to see them: "
+        f"tensorboard --logdir {log_dir}"
     )
     return monitor.history

@@ -166,6 +166,9 @@ def test_demo_prints_a_row_per_epoch_and_layer(demo_logs):
         assert all(-1.0 <= float(value) <= 1.0 for value in row[2:])
 
 
+RUN = "version_0"  # the demo logs each run to <log-dir>/version_<n>
+
+
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
@@ -204,20 +207,20 @@ def test_tensorboard_server_serves_the_scalars_and_images(demo_logs):
             base = found.group(1) if found else None
         deadline = time.monotonic() + 60
         tags = {}
-        while not tags.get(".") and time.monotonic() < deadline:
+        while not tags.get(RUN) and time.monotonic() < deadline:
             tags = json.loads(_get(f"{base}/data/plugin/scalars/tags"))
             time.sleep(0.5)
-        scalar_tags = set(tags["."])
+        scalar_tags = set(tags[RUN])
         for layer in DEMO_LAYERS:
             assert {f"rsm/{layer}/semantic/map", f"rsm/{layer}/baseline/map"} <= scalar_tags
-        query = urllib.parse.urlencode({"run": ".", "tag": "rsm/block2/semantic/map"})
+        query = urllib.parse.urlencode({"run": RUN, "tag": "rsm/block2/semantic/map"})
         points = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
         assert len(points) == 2  # [wall_time, step, value] per epoch
         assert all(0.0 <= value <= 1.0 for _, _, value in points)
 
-        image_tags = json.loads(_get(f"{base}/data/plugin/images/tags"))["."]
+        image_tags = json.loads(_get(f"{base}/data/plugin/images/tags"))[RUN]
         assert "rsm/block2/semantic/heatmap" in image_tags
-        query = urllib.parse.urlencode({"run": ".", "tag": "rsm/block2/semantic/heatmap"})
+        query = urllib.parse.urlencode({"run": RUN, "tag": "rsm/block2/semantic/heatmap"})
         meta = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
         assert len(meta) == 2
         png = _get(f"{base}/data/plugin/images/individualImage?{meta[-1]['query']}")
