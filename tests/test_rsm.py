@@ -242,7 +242,9 @@ def test_non_finite_input_reports_count_and_location():
 
 def test_ctrl_c_stops_a_long_computation():
     script = (
-        "import torch; from lightning_rsm.functional import semantic_rsm\n"
+        "import signal, torch; from lightning_rsm.functional import semantic_rsm\n"
+        # A background shell may start us with SIGINT ignored; a user's terminal does not.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "x = torch.randn(1000, 64, 8, 8).relu()\n"
         "print('started', flush=True)\n"
         "semantic_rsm(x, progress=True)\n"
