@@ -105,35 +105,31 @@ def _compute(args: argparse.Namespace) -> None:
                 rows.append(row)
         except (TypeError, ValueError) as error:
             raise _CliError(f"layer {layer!r}: {error}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rsms, out)
     png = out.with_suffix(".png")
-    _save_heatmaps(rsms, labels, png)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rsms, out)
+        _save_heatmaps(rsms, labels, png)
+    except OSError as error:
+        raise _CliError(f"Expected OUT to be a writable file path, but got {error}") from None
     print(_table(rows))
     print(f"\nwrote {out} ({len(rsms)} RSMs) and {png}")
 
 
 def _table(rows: Sequence[Sequence[object]]) -> str:
-    header = ("layer", "rsm", "mAP", "P@1", "agreement")
+    header = ["layer", "rsm", "mAP", "P@1", "agreement"]
     cells = [
         [str(r[0]), str(r[1]), *("-" if v is None else f"{float(v):.3f}" for v in r[2:])]
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    lines = [
-        "  ".join(
-            h.ljust(w) if i < 2 else h.rjust(w)
-            for i, (h, w) in enumerate(zip(header, widths, strict=True))
-        )
-    ]
-    for c in cells:
-        lines.append(
-            "  ".join(
-                v.ljust(w) if i < 2 else v.rjust(w)
-                for i, (v, w) in enumerate(zip(c, widths, strict=True))
-            )
-        )
-    return "\n".join(lines)
+
+    def line(values: Sequence[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in pairs)
+
+    return "\n".join(line(values) for values in [header, *cells])
 
 
 def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) -> None:

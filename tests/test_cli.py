@@ -102,6 +102,15 @@ def test_compute_reports_a_bad_file_in_one_line(tmp_path, capsys, content, match
     assert not (tmp_path / "r.pt").exists()
 
 
+def test_compute_reports_an_unwritable_output_in_one_line(saved, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["compute", str(saved[0]), "-o", str(blocker / "rsms.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-rsm compute: error: Expected OUT to be a writable file path")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["compute", "--help"], ["demo", "--help"]])
 def test_help_for_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
