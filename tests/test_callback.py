@@ -299,7 +299,8 @@ def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_pa
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=3)
         )
-        trainer.fit(model, loader, loader if with_val else None)
+        val = DataLoader(TensorDataset(*data), batch_size=16) if with_val else None
+        trainer.fit(model, loader, val)
         return model.state_dict()
 
     monitor = RSMMonitor(DataLoader(TensorDataset(*probe), batch_size=5, shuffle=True), ["conv"])
@@ -339,7 +340,10 @@ def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path):
         pl.seed_everything(0, verbose=False)
         monitor = RSMMonitor(probe, ["conv", "pool"])
         checkpoint = ModelCheckpoint(
-            tmp_path / "ckpt", save_last=True, monitor="rsm/conv/semantic/map", mode="max"
+            tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
+            save_last=True,
+            monitor="rsm/conv/semantic/map",
+            mode="max",
         )
         trainer = pl.Trainer(
             callbacks=[monitor, checkpoint],

@@ -180,7 +180,7 @@ class RSMMonitor(Callback):
         >>> import pytorch_lightning as pl
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from lightning_rsm.demo import DigitsCNN
-        >>> x, y = torch.rand(20, 1, 32, 32), torch.arange(20) % 10
+        >>> x, y = torch.rand(20, 1, 32, 32), torch.arange(20) % 5
         >>> monitor = RSMMonitor((x[:10], y[:10]), ["block2", "block3"])
         >>> trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False,
         ...                      enable_checkpointing=False, enable_progress_bar=False)
