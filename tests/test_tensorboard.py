@@ -126,6 +126,8 @@ def test_heatmaps_and_layer_rsa_are_written_once_per_evaluation(run):
         assert image.shape[0] == image.shape[1] >= 256
         # the diagonal (cosine 1, or RSA 1) has the top colour of the fixed scale: viridis' last
         assert image[0, 0].tolist() == [253, 231, 37]
+    # ReLU features: cosine entries in [0, 1], so that is the scale, fixed at the first epoch
+    assert monitor._ranges == {"conv": (0.0, 1.0), "pool": (0.0, 1.0)}
     assert monitor.layer_rsa.shape == (2, 2)
     assert torch.equal(monitor.layer_rsa, monitor.layer_rsa.T)
 
