@@ -350,6 +350,7 @@ class RSMMonitor(Callback):
                 )
         if self._labels is None:
             self._warn_once("The probe has no labels: retrieval scores are not computed.")
+        self._use_logits = True
         with _untouched(pl_module):
             _, logits = self._forward(trainer, pl_module, self._inputs[:2])
         if logits is None:
