@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -97,3 +100,13 @@ def test_sort_by_label_groups_labels_stably_also_for_multi_hot():
     assert torch.equal(by_class, rsm[[1, 3, 0, 2]][:, [1, 3, 0, 2]])
     multi_hot = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 0]])
     assert torch.equal(sort_by_label(rsm, multi_hot), rsm[[1, 3, 0, 2]][:, [1, 3, 0, 2]])
+
+
+def test_the_example_script_runs(tmp_path, capsys):
+    """examples/custom_model.py, as a user copies it: one epoch."""
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "custom_model.py"))
+    history = example["main"](epochs=1, log_dir=str(tmp_path))
+    assert [row["epoch"] for row in history] == [0]
+    assert {"rsm/stem/semantic/map", "rsm/encoder/vs_pixels"} <= set(history[0])
+    assert capsys.readouterr().out.startswith("epoch 0: encoder mAP semantic")
+    assert list(tmp_path.glob("version_0/events.out.tfevents.*"))
