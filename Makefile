@@ -25,4 +25,4 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_semantic_rsm.py
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _auction_wiring import auction_block_size, ensure_auction_matcher  # noqa: E402
 from _features import random_relu_features, trained_cnn_features  # noqa: E402
 
 from lightning_rsm.functional import retrieval_average_precision, semantic_rsm  # noqa: E402
@@ -40,19 +39,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(name: str, x: torch.Tensor, labels: torch.Tensor | None, device: torch.device):
+def compare(
+    name: str, x: torch.Tensor, labels: torch.Tensor | None, device: torch.device, tol: float
+) -> None:
     """Print one table row per matcher for features ``x`` (N, C, H, W)."""
     n, size = x.shape[0], x.shape[2] * x.shape[3]
     pairs = n * (n - 1) // 2
     exact = seconds_exact = None
     for matcher in MATCHERS:
         on = device if matcher in ("greedy", "auction") else torch.device("cpu")
-        extra = {"block_size": auction_block_size(size, on)} if matcher == "auction" else {}
         features = x.to(on)
         _sync(on)
         start = time.perf_counter()
         rsm, gap = semantic_rsm(
-            features, kernel="cosine", matcher=matcher, return_gap=True, **extra
+            features, kernel="cosine", matcher=matcher, return_gap=True, tol=tol
         )
         _sync(on)
         seconds = time.perf_counter() - start
@@ -78,14 +78,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where greedy and auction run")
     args = parser.parse_args()
     device = torch.device(args.device)
-    ensure_auction_matcher(args.tol)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
     print("| features | N | S | matcher | us/pair | vs exact | max gap | max error | mAP |")
     print("|---|---|---|---|---|---|---|---|---|")
     cnn = trained_cnn_features(max(args.n49, args.n196))
     for key, n, side in (("block3", args.n49, 7), ("block2", args.n196, 14)):
-        compare(f"cnn {key}", cnn[key][:n], cnn["labels"][:n], device)
-        compare("relu", random_relu_features(n, side), None, device)
+        compare(f"cnn {key}", cnn[key][:n], cnn["labels"][:n], device, args.tol)
+        compare("relu", random_relu_features(n, side), None, device, args.tol)
 
 
 if __name__ == "__main__":

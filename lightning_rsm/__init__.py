@@ -1,3 +1,16 @@
 """Permutation-invariant (semantic) representational similarity matrices for PyTorch Lightning."""
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+__all__ = ["RSMMonitor", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `lightning_rsm.functional` does not import pytorch_lightning.
+    if name == "RSMMonitor":
+        from lightning_rsm.callbacks import RSMMonitor
+
+        return RSMMonitor
+    raise AttributeError(f"module 'lightning_rsm' has no attribute {name!r}")

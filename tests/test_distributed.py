@@ -2,13 +2,14 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_rsm.functional import semantic_rsm
 
-CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed")]
+CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed"), ("cosine", "auction")]
 
 
 def features() -> torch.Tensor:
@@ -22,6 +23,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             semantic_rsm(features(), kernel=k, matcher=m, window=3, block_size=4, num_workers=1)
             for k, m in CASES
         ]
+        if rank == 0:  # rank-zero-only code must opt out of splitting, or it would wait forever
+            results.append(semantic_rsm(features(), distributed=False))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -35,5 +38,12 @@ def test_two_ranks_give_the_single_process_rsm(tmp_path):
     ]
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        if rank == 0:
+            torch.testing.assert_close(got.pop(), semantic_rsm(features()))
         for g, e in zip(got, expected, strict=True):
             assert torch.equal(g, e)
+
+
+def test_distributed_true_needs_a_process_group():
+    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+        semantic_rsm(features(), distributed=True)

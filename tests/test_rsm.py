@@ -89,7 +89,7 @@ def test_circular_shift_has_cosine_one_and_baseline_drops():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("matcher", ["exact", "windowed", "greedy"])
+@pytest.mark.parametrize("matcher", ["exact", "windowed", "greedy", "auction"])
 def test_symmetric_with_exact_diagonal(kernel, matcher):
     x = relu_maps(n=7, c=5, h=3, w=2)
     k = semantic_rsm(x, kernel=kernel, matcher=matcher)
@@ -126,21 +126,33 @@ def test_semantic_at_least_baseline(kernel):
     assert bool((sem > base + 1e-3).any())
 
 
-@pytest.mark.parametrize("matcher", ["windowed", "greedy"])
+@pytest.mark.parametrize("matcher", ["windowed", "greedy", "auction"])
 def test_approximations_never_exceed_exact_and_gap_is_certified(matcher):
     x = relu_maps(n=8, c=6, h=4, w=4, seed=2)
     exact = semantic_rsm(x, kernel="inner", matcher="exact")
-    approx, gap = semantic_rsm(x, kernel="inner", matcher=matcher, window=4, return_gap=True)
+    approx, gap = semantic_rsm(
+        x, kernel="inner", matcher=matcher, window=4, tol=0.05, return_gap=True
+    )
     assert bool((approx <= exact + 1e-4).all())
     assert bool((approx + gap >= exact - 1e-4).all())
     assert bool((approx < exact - 1e-4).any()), "test data too easy: approximation was exact"
     for kernel in ("cosine", "rbf"):
         k_exact = semantic_rsm(x, kernel=kernel, sigma=3.0)
         k_approx, k_gap = semantic_rsm(
-            x, kernel=kernel, matcher=matcher, window=4, sigma=3.0, return_gap=True
+            x, kernel=kernel, matcher=matcher, window=4, tol=0.05, sigma=3.0, return_gap=True
         )
         assert bool((k_approx <= k_exact + 1e-5).all())
         assert bool((k_approx + k_gap >= k_exact - 1e-5).all())
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-7])
+def test_auction_certifies_the_requested_cosine_tolerance(tol):
+    x = relu_maps(n=10, c=8, h=4, w=4, seed=4)
+    exact = semantic_rsm(x.double())
+    rsm, gap = semantic_rsm(x.double(), matcher="auction", tol=tol, return_gap=True)
+    assert float(gap.max()) <= tol
+    assert bool((rsm <= exact + 1e-12).all())
+    assert bool((rsm + gap >= exact - 1e-12).all())
 
 
 def test_exact_gap_is_zero_and_large_window_is_exact():
@@ -198,7 +210,9 @@ def test_progress_bar_runs(capsys):
         ({"x": torch.zeros(3, 4, 2), "y": torch.zeros(2, 5, 2)}, ValueError, "same shape"),
         ({"x": torch.zeros(3, 4, 2), "y": torch.zeros(2, 4)}, ValueError, "same shape"),
         ({"kernel": "linear"}, ValueError, r"\['cosine', 'inner', 'rbf'\].*'linear'"),
-        ({"matcher": "hungarian"}, ValueError, r"\['exact', 'greedy', 'windowed'\]"),
+        ({"matcher": "hungarian"}, ValueError, r"\['auction', 'exact', 'greedy', 'windowed'\]"),
+        ({"tol": 0.0}, ValueError, "tol"),
+        ({"tol": float("nan")}, ValueError, "tol"),
         ({"sigma": 0.0, "kernel": "rbf"}, ValueError, "sigma"),
         ({"window": 0}, ValueError, "window"),
         ({"block_size": -1}, ValueError, "block_size"),
@@ -228,7 +242,9 @@ def test_non_finite_input_reports_count_and_location():
 
 def test_ctrl_c_stops_a_long_computation():
     script = (
-        "import torch; from lightning_rsm.functional import semantic_rsm\n"
+        "import signal, torch; from lightning_rsm.functional import semantic_rsm\n"
+        # A background shell may start us with SIGINT ignored; a user's terminal does not.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "x = torch.randn(1000, 64, 8, 8).relu()\n"
         "print('started', flush=True)\n"
         "semantic_rsm(x, progress=True)\n"

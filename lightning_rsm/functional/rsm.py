@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_rsm.functional.auction import auction_assignment
 from lightning_rsm.functional.matching import (
     MatchResult,
     match_exact,
@@ -38,15 +39,30 @@ from lightning_rsm.functional.representations import _check_representations, to_
 
 _KERNELS = ("cosine", "inner", "rbf")
 
+
+def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> MatchResult:
+    """Auction with ``tol`` on the cosine scale: the raw tolerance is ``tol * |X_i| * |Y_j|``."""
+    scale = norms_x.double().norm(dim=1) * norms_y.double().norm(dim=1)
+    value, upper, _ = auction_assignment(scores, tol=(tol * scale).clamp_min(1e-300))
+    return value, upper
+
+
 # name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper)
 _MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], MatchResult]] = {
+    "auction": lambda scores, nx, ny, opts: _match_auction(scores, nx, ny, opts["tol"]),
     "exact": lambda scores, nx, ny, opts: match_exact(scores),
     "greedy": lambda scores, nx, ny, opts: match_greedy(scores),
     "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"]),
 }
 
-# Score matrices held per block (float32 entries); bounds memory, independent of N.
-_BLOCK_ENTRIES = 2**21
+# Score matrices held per block on CPU; bounds memory, independent of N. The auction's cost per
+# bidding round is mostly fixed, so it gets larger blocks; on CUDA blocks fill free memory.
+_BLOCK_ENTRIES = {"auction": 2**23}
+_DEFAULT_BLOCK_ENTRIES = 2**21
+# Bytes of device memory the auction uses per score entry (float64 copies and scratch).
+_AUCTION_BYTES_PER_ENTRY = 40
+# Matchers that run as batched torch code on the tensors' device (no scipy).
+_TORCH_MATCHERS = ("auction", "greedy")
 
 Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
 
@@ -55,7 +71,9 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_options(kernel: object, matcher: object, sigma: object, window: object) -> None:
+def _check_options(
+    kernel: object, matcher: object, sigma: object, window: object, tol: object = 1e-4
+) -> None:
     if kernel not in _KERNELS:
         raise ValueError(f"Expected `kernel` to be one of {sorted(_KERNELS)}, but got {kernel!r}.")
     if matcher not in _MATCHERS:
@@ -68,6 +86,17 @@ def _check_options(kernel: object, matcher: object, sigma: object, window: objec
         raise ValueError(f"Expected `sigma` to be a positive number or None, but got {sigma!r}.")
     if not _is_positive_int(window):
         raise ValueError(f"Expected `window` to be a positive int, but got {window!r}.")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < float("inf")):
+        raise ValueError(f"Expected `tol` to be a positive finite number, but got {tol!r}.")
+
+
+def _default_block_pairs(size: int, matcher: str, device: torch.device) -> int:
+    """Pairs per block: from free memory for torch matchers on CUDA, else a fixed budget."""
+    if device.type == "cuda" and matcher in _TORCH_MATCHERS:
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, free // 2 // (_AUCTION_BYTES_PER_ENTRY * size * size))
+    entries = _BLOCK_ENTRIES.get(matcher, _DEFAULT_BLOCK_ENTRIES)
+    return max(1, min(8192, entries // (size * size)))
 
 
 def _check_pair(x: Tensor, y: Tensor | None) -> None:
@@ -142,10 +171,16 @@ def _solve_block(
     return block, value, upper
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) to split the blocks over; (0, 1) when not splitting."""
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError(
+                "Expected an initialised torch.distributed process group with "
+                "`distributed=True`, but none is initialised."
+            )
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 @contextmanager
@@ -204,17 +239,19 @@ def _assignment_bounds(
     block_size: int | None,
     num_workers: int | None,
     progress: bool,
+    distributed: bool | None,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``."""
     n, m, size = xs.shape[0], ys.shape[0], xs.shape[1]
     norms_x = xs.norm(dim=2)
     norms_y = norms_x if symmetric else ys.norm(dim=2)
-    block_pairs = block_size or max(1, min(1024, _BLOCK_ENTRIES // (size * size)))
+    block_pairs = block_size or _default_block_pairs(size, matcher, xs.device)
     blocks = _segments(n, m, symmetric, block_pairs)
-    rank, world = _world()
+    rank, world = _world(distributed)
     blocks = blocks[rank::world]
     if num_workers is None:
-        num_workers = 1 if xs.is_cuda else len(os.sched_getaffinity(0))
+        on_device = xs.is_cuda and matcher in _TORCH_MATCHERS
+        num_workers = 1 if on_device else len(os.sched_getaffinity(0))
     solve = _MATCHERS[matcher]
 
     def work(block: list[Segment]) -> tuple[list[Segment], Tensor, Tensor]:
@@ -301,11 +338,13 @@ def semantic_rsm(
     matcher: str = "exact",
     sigma: float | None = None,
     window: int = 8,
+    tol: float = 1e-4,
     max_positions: int | None = None,
     block_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
     return_gap: bool = False,
+    distributed: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -317,19 +356,30 @@ def semantic_rsm(
         x: float tensor of shape ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` (CPU or CUDA).
         y: optional second set of the same shape after dim 0, ``(M, ...)``; default ``x``.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
-        matcher: ``"exact"`` (optimal, scipy), ``"windowed"`` (sort concept vectors by norm,
-            solve consecutive windows of ``window`` exactly) or ``"greedy"``. Both
-            approximations return a feasible permutation, so their aligned inner product is a
-            **lower bound** on the exact one.
+        matcher: ``"exact"`` (optimal, scipy, CPU threads), ``"windowed"`` (sort concept
+            vectors by norm, solve consecutive windows of ``window`` exactly), ``"greedy"``
+            or ``"auction"`` (batched epsilon-scaling auction in torch, on the inputs' device,
+            certified within ``tol``). The approximations return a feasible permutation, so
+            their aligned inner product is a **lower bound** on the exact one.
         sigma: RBF bandwidth; default the median heuristic (see :func:`_apply_kernel`).
         window: window size of the ``"windowed"`` matcher.
+        tol: the ``"auction"`` matcher stops once each pair's aligned inner product is
+            certified within ``tol * |X_i| * |Y_j|`` of the optimum, i.e. within ``tol`` on the
+            cosine scale (see ``return_gap`` for the certificate of every entry).
         max_positions: cap on S; larger maps are adaptive-average-pooled (see
             :func:`~lightning_rsm.functional.to_concepts`).
-        block_size: pairs per block (default from S, so a block holds about 2M scores).
-        num_workers: solver threads (default: all cores on CPU, 1 on CUDA).
+        block_size: pairs per block (default from S, so a CPU block holds about 2M scores, or
+            8M for the auction; on CUDA the auction's and greedy's blocks fill half the
+            free memory).
+        num_workers: solver threads (default: all cores; 1 for the auction and greedy on CUDA).
         progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
         return_gap: also return, per entry, a certified bound on the distance from the exact
-            kernel value (0 for ``matcher="exact"``).
+            kernel value (0 for ``matcher="exact"``); ``gap.max()`` is the run's largest.
+        distributed: split the blocks across the ranks of the initialised
+            ``torch.distributed`` process group and gather the full RSM on every rank.
+            ``None`` (default) does so whenever a group is initialised; then **every rank must
+            call with the same inputs**, or the call waits forever. ``False`` computes
+            everything in this process (e.g. inside rank-zero-only code).
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -343,12 +393,12 @@ def semantic_rsm(
 
     Example:
         >>> import torch
-        >>> a = torch.rand(1, 8, 4, 4)
+        >>> a = torch.rand(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
         >>> x = torch.cat([a, a.roll(1, dims=3)])      # same content, shifted one column
         >>> semantic_rsm(x, kernel="cosine")[0, 1]     # the shift costs nothing
         tensor(1.)
     """
-    _check_options(kernel, matcher, sigma, window)
+    _check_options(kernel, matcher, sigma, window, tol)
     for name, value in (("block_size", block_size), ("num_workers", num_workers)):
         if value is not None and not _is_positive_int(value):
             raise ValueError(f"Expected `{name}` to be a positive int or None, but got {value!r}.")
@@ -356,7 +406,15 @@ def semantic_rsm(
     xs, ys = _prepare(x, y, max_positions)
     symmetric = y is None
     lower, upper = _assignment_bounds(
-        xs, ys, symmetric, matcher, {"window": window}, block_size, num_workers, progress
+        xs,
+        ys,
+        symmetric,
+        matcher,
+        {"window": window, "tol": tol},
+        block_size,
+        num_workers,
+        progress,
+        distributed,
     )
     sq_x = _squared_norms(xs)
     sq_y = sq_x if symmetric else _squared_norms(ys)

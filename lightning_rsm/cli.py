@@ -1,0 +1,285 @@
+"""Command line: ``lightning-rsm compute`` and ``lightning-rsm demo``.
+
+Only parses arguments and reports; the work is done by :mod:`lightning_rsm.functional` and
+:mod:`lightning_rsm.demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
+
+_RESERVED = ("labels", "logits")
+_KINDS = ("semantic", "baseline")
+
+
+class _CliError(Exception):
+    """A problem with the user's input, reported in one line without a traceback."""
+
+
+def _load_features(path: Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+    """Read representations saved with ``torch.save``, with ``weights_only=True``.
+
+    The file holds a tensor (one layer, named ``features``) or a dict of layer name -> tensor
+    with optional ``labels`` ``(N,)`` and ``logits`` ``(N, K)`` entries.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(layers, labels, logits)``; labels and logits are ``None`` when absent.
+
+    Raises:
+        _CliError: If the file cannot be read or holds something else.
+    """
+    if not path.is_file():
+        raise _CliError(f"Expected FEATURES to be a file, but got {str(path)!r} (not found).")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise _CliError(
+            f"Expected {str(path)!r} to be a file written by torch.save holding tensors, "
+            f"but it could not be loaded ({type(error).__name__}: {reason})."
+        ) from None
+    if isinstance(content, Tensor):
+        content = {"features": content}
+    if not isinstance(content, dict) or not content:
+        raise _CliError(
+            f"Expected {str(path)!r} to hold a tensor or a dict of layer name -> tensor, "
+            f"but got {type(content).__name__}."
+        )
+    bad = [str(k) for k, v in content.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        raise _CliError(
+            f"Expected every entry of {str(path)!r} to map a str name to a tensor, "
+            f"but got non-tensor entries {bad}."
+        )
+    labels = content.pop("labels", None)
+    logits = content.pop("logits", None)
+    if not content:
+        raise _CliError(
+            f"Expected {str(path)!r} to hold at least one layer besides {list(_RESERVED)}, "
+            "but got none."
+        )
+    return content, labels, logits
+
+
+def _compute(args: argparse.Namespace) -> None:
+    from lightning_rsm.functional import (
+        probability_agreement,
+        retrieval_average_precision,
+        retrieval_precision,
+        semantic_rsm,
+        spatio_semantic_rsm,
+        to_concepts,
+    )
+
+    layers, labels, logits = _load_features(args.features)
+    out: Path = args.output
+    rsms: dict[str, Tensor] = {}
+    rows = []
+    for layer, x in layers.items():
+        try:
+            concepts = to_concepts(x, max_positions=args.max_positions, name=layer)
+            kinds = {
+                "semantic": semantic_rsm(
+                    concepts, kernel=args.kernel, matcher=args.matcher, progress=args.progress
+                )
+            }
+            if not args.no_baseline:
+                kinds["baseline"] = spatio_semantic_rsm(concepts, kernel=args.kernel)
+            for kind, rsm in kinds.items():
+                rsms[f"{layer}/{kind}"] = rsm
+                row = [layer, kind]
+                row.append(retrieval_average_precision(rsm, labels) if labels is not None else None)
+                row.append(retrieval_precision(rsm, labels, k=1) if labels is not None else None)
+                row.append(probability_agreement(rsm, logits) if logits is not None else None)
+                rows.append(row)
+        except (TypeError, ValueError) as error:
+            raise _CliError(f"layer {layer!r}: {error}") from None
+    png = out.with_suffix(".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rsms, out)
+        _save_heatmaps(rsms, labels, png)
+    except OSError as error:
+        raise _CliError(f"Expected OUT to be a writable file path, but got {error}") from None
+    print(_table(rows))
+    print(f"\nwrote {out} ({len(rsms)} RSMs) and {png}")
+
+
+def _table(rows: Sequence[Sequence[object]]) -> str:
+    header = ["layer", "rsm", "mAP", "P@1", "agreement"]
+    cells = [
+        [str(r[0]), str(r[1]), *("-" if v is None else f"{float(v):.3f}" for v in r[2:])]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+
+    def line(values: Sequence[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in pairs)
+
+    return "\n".join(line(values) for values in [header, *cells])
+
+
+def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_rsm.plotting import sort_by_label
+
+    layers = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in rsms))
+    kinds = [k for k in _KINDS if any(name.endswith(f"/{k}") for name in rsms)]
+    fig = Figure(figsize=(4 * len(kinds), 3.6 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), len(kinds), squeeze=False)
+    for row, layer in enumerate(layers):
+        values = [rsms[f"{layer}/{kind}"] for kind in kinds]
+        vmin = min(float(v.min()) for v in values)
+        vmax = max(float(v.max()) for v in values)
+        for col, (kind, rsm) in enumerate(zip(kinds, values, strict=True)):
+            ax = axes[row][col]
+            image = ax.imshow(
+                sort_by_label(rsm, labels).numpy(), vmin=vmin, vmax=vmax, cmap="viridis"
+            )
+            ax.set_title(f"{layer}: {kind}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(image, ax=list(axes[row]))
+    fig.savefig(png, dpi=80)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from lightning_rsm.demo import run_demo
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise _CliError(
+            "Expected scikit-learn to be installed for the demo's data, but it is not: "
+            "pip install 'lightning-rsm[demo]'."
+        ) from None
+    run_demo(
+        log_dir=args.log_dir,
+        epochs=args.epochs,
+        per_class=args.per_class,
+        train_size=args.train_size,
+        seed=args.seed,
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, but got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-rsm`` argument parser with its ``compute`` and ``demo`` commands.
+
+    Returns:
+        the parser; ``parse_args`` sets ``command`` and ``run`` (the command's function).
+
+    Example:
+        >>> build_parser().parse_args(["demo", "--epochs", "2"]).epochs
+        2
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-rsm",
+        description="Semantic (permutation-invariant) representational similarity matrices.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compute = commands.add_parser(
+        "compute",
+        help="RSMs and their quality for representations saved with torch.save",
+        description=(
+            "Compute semantic (and baseline) RSMs of representations saved with torch.save: a "
+            "tensor (N, C, H, W), (N, T, D) or (N, D), or a dict of layer name -> tensor with "
+            "optional 'labels' (N,) and 'logits' (N, K) entries. Prints retrieval mAP, "
+            "precision@1 (with labels) and probability agreement (with logits), writes the "
+            "RSMs to OUT (a dict '<layer>/<kind>' -> (N, N) tensor) and heatmaps to OUT "
+            "with the suffix .png."
+        ),
+    )
+    compute.add_argument("features", type=Path, metavar="FEATURES", help="file from torch.save")
+    compute.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="output file for the RSMs, e.g. rsms.pt",
+    )
+    compute.add_argument("--kernel", default="cosine", choices=sorted(_KERNELS))
+    compute.add_argument(
+        "--matcher", default="exact", choices=sorted(_MATCHERS), help="LAP solver (default: exact)"
+    )
+    compute.add_argument(
+        "--max-positions",
+        type=_positive_int,
+        default=None,
+        help="pool feature maps to at most this many positions",
+    )
+    compute.add_argument(
+        "--no-baseline", action="store_true", help="skip the spatially aligned baseline RSM"
+    )
+    compute.add_argument("--progress", action="store_true", help="show a progress bar")
+    compute.set_defaults(run=_compute)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on shifted digits with RSMMonitor",
+        description=(
+            "Train a small CNN on scikit-learn's digits, shifted on a larger canvas, with "
+            "RSMMonitor on three conv blocks; print semantic vs baseline retrieval mAP and "
+            "probability agreement per epoch and layer; write TensorBoard logs."
+        ),
+    )
+    demo.add_argument("--log-dir", default="runs/demo", help="TensorBoard log folder")
+    demo.add_argument("--epochs", type=_positive_int, default=3)
+    demo.add_argument("--per-class", type=_positive_int, default=12, help="probe images per class")
+    demo.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=None,
+        help="train on only this many images (default: all but the probe)",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        the exit status: 0 on success, 2 on bad input (with a one-line error on stderr).
+
+    Example:
+        >>> main(["compute", "no-such-file.pt", "-o", "rsms.pt"])
+        2
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except _CliError as error:
+        print(f"lightning-rsm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,433 @@
+"""RSMMonitor with real Trainers: configuration, evaluation schedule, side effects, resume."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TinyNet, TinyNetWithVal, trainer_kwargs
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_rsm import RSMMonitor
+from lightning_rsm.callbacks.rsm_monitor import _untouched
+from lightning_rsm.functional import (
+    probability_agreement,
+    retrieval_average_precision,
+    retrieval_precision,
+    semantic_rsm,
+    spatio_semantic_rsm,
+)
+
+
+def fit(model, loader, monitor, tmp_path, val=None, **overrides) -> pl.Trainer:
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, **overrides))
+    trainer.fit(model, loader, val)
+    return trainer
+
+
+def scores(history: list[dict]) -> list[dict]:
+    """History without the compute time, which differs between runs."""
+    return [{k: v for k, v in row.items() if k != "rsm/time_s"} for row in history]
+
+
+# ------------------------------------------------------------------ constructor
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": []}, "`layers`"),
+        ({"layers": "conv"}, "`layers`"),
+        ({"layers": ["conv", 3]}, "`layers`"),
+        ({"layers": ["conv", "conv"]}, "each name once"),
+        ({"every_n_epochs": 0}, "`every_n_epochs`"),
+        ({"every_n_epochs": 1.5}, "`every_n_epochs`"),
+        ({"every_n_epochs": True}, "`every_n_epochs`"),
+        ({"kernel": "linear"}, r"`kernel` to be one of \['cosine', 'inner', 'rbf'\]"),
+        ({"matcher": "hungarian"}, "`matcher` to be one of"),
+        ({"rsa_method": "cosine"}, "`rsa_method` to be one of"),
+        ({"max_positions": 0}, "`max_positions`"),
+        ({"batch_size": -1}, "`batch_size`"),
+        ({"heatmap_range": (1.0, 0.0)}, "`heatmap_range`"),
+        ({"heatmap_range": (0.0, math.inf)}, "`heatmap_range`"),
+    ],
+)
+def test_constructor_rejects_bad_values(probe, kwargs, match):
+    kwargs = {"layers": ["conv"], **kwargs}
+    with pytest.raises(MisconfigurationException, match=match):
+        RSMMonitor(probe, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("probe_arg", "kwargs", "error", "match"),
+    [
+        ("not a probe", {}, TypeError, "`probe` to be a DataLoader"),
+        ([1, 2], {}, TypeError, r"tuple \(inputs, labels\) of tensors"),
+        ("tuple", {"targets": [torch.eye(12)]}, TypeError, "`targets` to be a mapping"),
+        ("tuple", {"targets": {"t": np.eye(12)}}, TypeError, r"`targets\['t'\]` to be a tensor"),
+        ("tuple", {"targets": {"t": torch.ones(12, 11)}}, ValueError, "square matrix"),
+        ("tuple", {"logits_fn": 3}, TypeError, "`logits_fn` to be callable"),
+        ("mislabelled", {}, ValueError, r"labels to have shape \(12,\)"),
+        ("single", {}, ValueError, "at least 2 samples"),
+    ],
+)
+def test_constructor_rejects_bad_probe_targets_and_types(probe, probe_arg, kwargs, error, match):
+    x, y = probe
+    probes = {"tuple": (x, y), "mislabelled": (x, y[:5]), "single": (x[:1],)}
+    probe_arg = tuple(probe_arg) if isinstance(probe_arg, list) else probe_arg
+    with pytest.raises(error, match=match):
+        RSMMonitor(probes.get(probe_arg, probe_arg), ["conv"], **kwargs)
+
+
+# ------------------------------------------------------------------ fit-start validation
+
+
+def test_unknown_layer_fails_at_fit_start_listing_the_valid_names(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv", "features.0"])
+    with pytest.raises(MisconfigurationException, match=r"\['features.0'\].*'conv', 'conv.0'"):
+        fit(TinyNet(), loader, monitor, tmp_path)
+
+
+def test_target_of_another_size_fails_at_fit_start(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"], targets={"human": torch.eye(5)})
+    with pytest.raises(ValueError, match=r"`targets\['human'\]` to have shape \(12, 12\)"):
+        fit(TinyNet(), loader, monitor, tmp_path)
+
+
+class Unsqueeze(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(1)
+
+
+class FiveDimNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = Unsqueeze()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.extra(x)
+        return super().forward(x)
+
+
+def test_layer_output_of_a_bad_shape_fails_at_fit_start(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["extra"])
+    with pytest.raises(ValueError, match=r"`extra` to be representations.*\(2, 1, 1, 8, 8\)"):
+        fit(FiveDimNet(), loader, monitor, tmp_path)
+
+
+def test_layer_that_never_runs_fails_at_fit_start(loader, probe, tmp_path):
+    model = TinyNet()
+    model.unused = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="'unused' to output 2 samples along dim 0.*but got 0"):
+        fit(model, loader, RSMMonitor(probe, ["unused"]), tmp_path)
+
+
+class TwiceNet(TinyNet):
+    def forward(self, x: Tensor) -> Tensor:
+        self.pool(self.conv(x))
+        return super().forward(x)
+
+
+def test_layer_that_runs_twice_fails_at_fit_start(loader, probe, tmp_path):
+    with pytest.raises(ValueError, match="'pool' to output 2 samples along dim 0.*but got 4"):
+        fit(TwiceNet(), loader, RSMMonitor(probe, ["pool"]), tmp_path)
+
+
+def test_mid_epoch_validation_does_not_add_evaluations(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    trainer = fit(
+        TinyNetWithVal(), loader, monitor, tmp_path, val=loader, max_epochs=2, val_check_interval=1
+    )
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed > 2 * 3
+    assert [(row["epoch"], row["step"]) for row in monitor.history] == [(0, 3), (1, 6)]
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def test_without_validation_evaluates_after_every_nth_training_epoch(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"], every_n_epochs=2)
+    fit(TinyNet(), loader, monitor, tmp_path, max_epochs=5)
+    assert [row["epoch"] for row in monitor.history] == [1, 3]
+    assert [row["step"] for row in monitor.history] == [6, 12]  # 3 batches per epoch
+
+
+def test_epochs_without_validation_are_evaluated_after_training(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    trainer = fit(
+        TinyNetWithVal(),
+        loader,
+        monitor,
+        tmp_path,
+        val=loader,
+        max_epochs=3,
+        check_val_every_n_epoch=2,
+    )
+    assert [row["epoch"] for row in monitor.history] == [0, 1, 2]
+    assert trainer.callback_metrics["rsm/conv/semantic/map"] == pytest.approx(
+        monitor.history[-1]["rsm/conv/semantic/map"]
+    )
+
+
+def test_validate_and_sanity_check_do_not_evaluate(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, num_sanity_val_steps=2))
+    trainer.validate(TinyNetWithVal(), loader, verbose=False)
+    assert monitor.history == []
+
+
+# ------------------------------------------------------------------ probes, labels, logits
+
+
+def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe, tmp_path):
+    x, y = probe
+    probes = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)]
+    histories = []
+    for p in probes:
+        pl.seed_everything(0, verbose=False)
+        monitor = RSMMonitor(p, ["conv", "pool"], batch_size=4)
+        fit(TinyNet(), loader, monitor, tmp_path, max_epochs=1)
+        histories.append(scores(monitor.history))
+    assert histories[0] == histories[1] == histories[2]
+    assert "rsm/pool/semantic/map" in histories[0][0]
+
+
+def test_probe_without_labels_warns_once_and_skips_retrieval(loader, probe, tmp_path):
+    monitor = RSMMonitor((probe[0],), ["conv"])
+    with pytest.warns(UserWarning, match="no labels") as record:
+        fit(TinyNet(), loader, monitor, tmp_path, max_epochs=2)
+    assert sum("no labels" in str(w.message) for w in record) == 1
+    keys = set(monitor.history[-1])
+    assert "rsm/conv/semantic/agreement" in keys
+    assert not any(k.endswith(("/map", "/precision@1")) for k in keys)
+
+
+class PairOut(nn.Module):
+    """A layer with a tuple output, like nn.LSTM or nn.MultiheadAttention."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x.mean()
+
+
+class TupleNet(TinyNet):
+    """Forward returns (features, logits): the default logits cannot be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = PairOut()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h, _ = self.pair(self.pool(self.conv(x)))
+        return h, self.head(h.flatten(1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)[1], y)
+
+
+def test_output_without_logits_warns_and_skips_agreement(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["pair"])
+    with pytest.warns(UserWarning, match="probability agreement is not computed"):
+        fit(TupleNet(), loader, monitor, tmp_path, max_epochs=1)
+    keys = set(monitor.history[-1])
+    assert "rsm/pair/semantic/map" in keys
+    assert not any(k.endswith("/agreement") for k in keys)
+
+
+def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
+    pl.seed_everything(0, verbose=False)
+    tuple_monitor = RSMMonitor(probe, ["pair"], logits_fn=lambda out: out[1])
+    fit(TupleNet(), loader, tuple_monitor, tmp_path, max_epochs=1)
+    # The same weights without the tuple layer: "pair" outputs exactly what "pool" does.
+    pl.seed_everything(0, verbose=False)
+    plain_monitor = RSMMonitor(probe, ["pool"])
+    fit(TinyNet(), loader, plain_monitor, tmp_path, max_epochs=1)
+    got = {k.replace("/pair/", "/x/"): v for k, v in scores(tuple_monitor.history)[0].items()}
+    want = {k.replace("/pool/", "/x/"): v for k, v in scores(plain_monitor.history)[0].items()}
+    assert got == want
+    assert "rsm/x/semantic/agreement" in got
+
+
+def test_logits_fn_returning_no_logits_fails_at_fit_start(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["pair"], logits_fn=lambda out: out[0])
+    with pytest.raises(ValueError, match="`logits_fn` to return logits of shape"):
+        fit(TupleNet(), loader, monitor, tmp_path, max_epochs=1)
+
+
+# ------------------------------------------------------------------ side effects and faults
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002
+
+
+def test_untouched_restores_modes_and_every_rng():
+    model = TinyNet()
+    model.head.eval()  # a mixed state: the head frozen in eval mode
+    modes = [m.training for m in model.modules()]
+    seed_all(1)
+    with _untouched(model):
+        model.train()
+        assert not torch.is_grad_enabled()
+        torch.rand(3), random.random(), np.random.rand()  # noqa: NPY002
+    after = torch.rand(1), random.random(), np.random.rand()  # noqa: NPY002
+    seed_all(1)
+    assert after == (torch.rand(1), random.random(), np.random.rand())  # noqa: NPY002
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_path, with_val):
+    """Dropout, batch norm, a shuffled training set and a shuffled probe loader."""
+
+    def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model = TinyNetWithVal(dropout=0.5) if with_val else TinyNet(dropout=0.5)
+        loader = DataLoader(TensorDataset(*data), batch_size=16, shuffle=True)
+        trainer = pl.Trainer(
+            callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=3)
+        )
+        val = DataLoader(TensorDataset(*data), batch_size=16) if with_val else None
+        trainer.fit(model, loader, val)
+        return model.state_dict()
+
+    monitor = RSMMonitor(DataLoader(TensorDataset(*probe), batch_size=5, shuffle=True), ["conv"])
+    with_callback = train(monitor)
+    without = train(None)
+    assert len(monitor.history) == 3
+    assert with_callback.keys() == without.keys()
+    for name, value in without.items():
+        assert torch.equal(with_callback[name], value), name
+
+
+class PoisonedNet(TinyNet):
+    """In eval mode during epoch 1 the features are NaN: that evaluation fails."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.current_epoch == 1:
+            x = x * math.nan
+        return super().forward(x)
+
+
+def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    with pytest.warns(UserWarning, match="evaluation at epoch 1 failed and was skipped"):
+        trainer = fit(PoisonedNet(), loader, monitor, tmp_path, max_epochs=3)
+    assert trainer.current_epoch == 3
+    assert [row["epoch"] for row in monitor.history] == [0, 2]
+    assert "rsm/conv/rsa_to_previous" in monitor.history[1]  # against epoch 0
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path):
+    loader = DataLoader(TensorDataset(*data), batch_size=16)
+
+    def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
+        pl.seed_everything(0, verbose=False)
+        monitor = RSMMonitor(probe, ["conv", "pool"])
+        checkpoint = ModelCheckpoint(
+            tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
+            save_last=True,
+            monitor="rsm/conv/semantic/map",
+            mode="max",
+        )
+        trainer = pl.Trainer(
+            callbacks=[monitor, checkpoint],
+            **trainer_kwargs(tmp_path, max_epochs=max_epochs, enable_checkpointing=True),
+        )
+        trainer.fit(TinyNetWithVal(), loader, loader, ckpt_path=ckpt_path)
+        return monitor, checkpoint
+
+    straight, _ = run(4)
+    first, checkpoint = run(2)
+    assert checkpoint.best_model_score == pytest.approx(
+        max(row["rsm/conv/semantic/map"] for row in first.history)
+    )
+    resumed, _ = run(4, ckpt_path=checkpoint.last_model_path)
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    expected, got = scores(straight.history), scores(resumed.history)
+    assert got[:2] == scores(first.history)
+    for row_got, row_expected in zip(got, expected, strict=True):
+        assert row_got.keys() == row_expected.keys()
+        for key, value in row_expected.items():
+            assert row_got[key] == pytest.approx(value, abs=1e-5), key
+    # drift at the first resumed epoch compares with epoch 1's RSM, restored from the checkpoint
+    assert "rsm/pool/rsa_to_previous" in got[2]
+
+
+def test_state_dict_round_trip(probe):
+    monitor = RSMMonitor(probe, ["conv"])
+    monitor.history = [{"epoch": 0, "step": 3, "rsm/conv/semantic/map": 0.5}]
+    monitor._last_epoch = 0
+    monitor._previous = {"conv": torch.eye(12)}
+    monitor._ranges = {"conv": (0.0, 1.0)}
+    other = RSMMonitor(probe, ["conv"])
+    other.load_state_dict(monitor.state_dict())
+    assert other.history == monitor.history
+    assert other._last_epoch == 0
+    assert torch.equal(other._previous["conv"], torch.eye(12))
+    assert other._ranges == {"conv": (0.0, 1.0)}
+    assert other.state_key == "RSMMonitor{'layers': ('conv',), 'kernel': 'cosine'}"
+
+
+def test_warnings_are_not_raised_for_a_clean_run(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(TinyNet(), loader, monitor, tmp_path, max_epochs=1)
+    assert not [w for w in record if "RSMMonitor" in str(w.message) or "probe" in str(w.message)]
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path):
+    """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet()
+    monitor = RSMMonitor(probe, ["conv", "pool"])
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(
+        callbacks=[monitor],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, logger=logger),
+    )
+    trainer.fit(model, DataLoader(TensorDataset(*data), batch_size=8))
+    # ddp_spawn hands rank 0's final weights and callback metrics back to this process
+    model.eval()
+    x, y = probe
+    with torch.no_grad():
+        features = {"conv": model.conv(x)}
+        features["pool"] = model.pool(features["conv"])
+        logits = model(x)
+    for layer, feats in features.items():
+        for kind, rsm in (
+            ("semantic", semantic_rsm(feats)),
+            ("baseline", spatio_semantic_rsm(feats)),
+        ):
+            expected = {
+                "map": retrieval_average_precision(rsm, y),
+                "precision@1": retrieval_precision(rsm, y, k=1),
+                "agreement": probability_agreement(rsm, logits),
+            }
+            for score, value in expected.items():
+                logged = trainer.callback_metrics[f"rsm/{layer}/{kind}/{score}"]
+                assert float(logged) == pytest.approx(float(value), abs=1e-5)
+    assert "rsm/conv/rsa_to_previous" in trainer.callback_metrics
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert len(events.Images("rsm/conv/semantic/heatmap")) == 2  # one per epoch, not per rank
