@@ -29,16 +29,18 @@ class _SemanticRSMBase(Metric):
         matcher: str = "exact",
         sigma: float | None = None,
         window: int = 8,
+        tol: float = 1e-4,
         max_positions: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _check_options(kernel, matcher, sigma, window)
+        _check_options(kernel, matcher, sigma, window, tol)
         _check_max_positions(max_positions)
         self.kernel = kernel
         self.matcher = matcher
         self.sigma = sigma
         self.window = window
+        self.tol = tol
         self.max_positions = max_positions
 
     def _concepts(self, x: Tensor, name: str, stored: list[Tensor] | Tensor) -> Tensor:
@@ -67,4 +69,5 @@ class _SemanticRSMBase(Metric):
             matcher=self.matcher,
             sigma=self.sigma,
             window=self.window,
+            tol=self.tol,
         )
