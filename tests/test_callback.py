@@ -56,6 +56,9 @@ def scores(history: list[dict]) -> list[dict]:
         ({"kernel": "linear"}, r"`kernel` to be one of \['cosine', 'inner', 'rbf'\]"),
         ({"matcher": "hungarian"}, "`matcher` to be one of"),
         ({"rsa_method": "cosine"}, "`rsa_method` to be one of"),
+        ({"sigma": -1.0}, "`sigma`"),
+        ({"window": 0}, "`window`"),
+        ({"tol": 0.0}, "`tol`"),
         ({"max_positions": 0}, "`max_positions`"),
         ({"batch_size": -1}, "`batch_size`"),
         ({"heatmap_range": (1.0, 0.0)}, "`heatmap_range`"),
@@ -431,3 +434,26 @@ def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data,
     events.Reload()
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
     assert len(events.Images("rsm/conv/semantic/heatmap")) == 2  # one per epoch, not per rank
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kernel": "rbf", "sigma": 2.0, "matcher": "windowed", "window": 2},
+        {"kernel": "cosine", "matcher": "auction", "tol": 1e-2},
+    ],
+)
+def test_rsm_options_reach_the_rsm(probe, loader, tmp_path, options):
+    probe_x, probe_y = probe
+    monitor = RSMMonitor(probe, ["conv"], max_positions=None, **options)
+    model = TinyNet()
+    fit(model, loader, monitor, tmp_path, max_epochs=1)
+    model.eval()
+    with torch.no_grad():
+        x = model.conv(probe_x)
+    sem = semantic_rsm(x, **options)
+    base = spatio_semantic_rsm(x, kernel=options["kernel"], sigma=options.get("sigma"))
+    last = monitor.history[-1]
+    for kind, rsm in (("semantic", sem), ("baseline", base)):
+        expected = float(retrieval_average_precision(rsm, probe_y))
+        assert last[f"rsm/conv/{kind}/map"] == pytest.approx(expected, abs=1e-6)

@@ -246,3 +246,14 @@ def test_ddp_equals_single_process(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got, expected)
+
+
+def test_auction_tolerance_reaches_the_rsm():
+    x = torch.rand(8, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    metric = SemanticRSM(matcher="auction", tol=0.3)
+    metric.update(x)
+    expected = semantic_rsm(x, matcher="auction", tol=0.3)
+    assert torch.equal(metric.compute()["rsm"], expected)
+    assert not torch.equal(expected, semantic_rsm(x, matcher="auction", tol=1e-6))
+    with pytest.raises(ValueError, match="`tol`"):
+        SemanticRSM(matcher="auction", tol=-1.0)

@@ -30,7 +30,7 @@ from lightning_rsm.functional import (
     to_concepts,
 )
 from lightning_rsm.functional.comparison import _COMPARISONS
-from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
+from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS, _check_options
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
 
 Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor]
@@ -142,6 +142,9 @@ class RSMMonitor(Callback):
         kernel: RSM kernel, one of ``"cosine"``, ``"inner"``, ``"rbf"``.
         matcher: LAP solver of the semantic RSM, as in
             :func:`~lightning_rsm.functional.semantic_rsm`.
+        sigma: RBF bandwidth of both RSMs; default the median heuristic of each evaluation.
+        window: window size of ``matcher="windowed"``.
+        tol: certified cosine-scale tolerance of ``matcher="auction"``.
         baseline: also compute the spatially aligned baseline RSM and its scores.
         max_positions: cap on the positions (``H * W`` or ``T``) per sample; larger maps are
             reduced with adaptive average pooling before the RSMs are computed. The exact
@@ -170,7 +173,8 @@ class RSMMonitor(Callback):
 
     Raises:
         MisconfigurationException: If ``layers``, ``every_n_epochs``, ``kernel``, ``matcher``,
-            ``max_positions``, ``batch_size``, ``rsa_method`` or ``heatmap_range`` have a
+            ``sigma``, ``window``, ``tol``, ``max_positions``, ``batch_size``, ``rsa_method`` or
+            ``heatmap_range`` have a
             value that is not allowed; at fit start, if a layer is not a module of the model.
         TypeError: If ``probe``, ``targets`` or ``logits_fn`` have the wrong type.
         ValueError: If the probe or a target has a bad shape (at construction for tensors, at
@@ -207,6 +211,9 @@ class RSMMonitor(Callback):
         every_n_epochs: int = 1,
         kernel: str = "cosine",
         matcher: str = "exact",
+        sigma: float | None = None,
+        window: int = 8,
+        tol: float = 1e-4,
         baseline: bool = True,
         max_positions: int | None = 64,
         batch_size: int = 256,
@@ -245,6 +252,10 @@ class RSMMonitor(Callback):
                 raise MisconfigurationException(
                     f"Expected `{name}` to be one of {allowed}, but got {value!r}."
                 )
+        try:
+            _check_options(kernel, matcher, sigma, window, tol)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
         for name, value in (("max_positions", max_positions), ("batch_size", batch_size)):
             if value is None and name == "max_positions":
                 continue
@@ -281,6 +292,9 @@ class RSMMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.kernel = kernel
         self.matcher = matcher
+        self.sigma = sigma
+        self.window = window
+        self.tol = tol
         self.baseline = baseline
         self.max_positions = max_positions
         self.batch_size = batch_size
@@ -499,9 +513,19 @@ class RSMMonitor(Callback):
         rsms: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
             concepts = features.pop(layer)
-            kinds = {"semantic": semantic_rsm(concepts, kernel=self.kernel, matcher=self.matcher)}
+            semantic = semantic_rsm(
+                concepts,
+                kernel=self.kernel,
+                matcher=self.matcher,
+                sigma=self.sigma,
+                window=self.window,
+                tol=self.tol,
+            )
+            kinds = {"semantic": semantic}
             if self.baseline:
-                kinds["baseline"] = spatio_semantic_rsm(concepts, kernel=self.kernel)
+                kinds["baseline"] = spatio_semantic_rsm(
+                    concepts, kernel=self.kernel, sigma=self.sigma
+                )
             kinds = {kind: rsm.detach().float().cpu() for kind, rsm in kinds.items()}
             rsms[layer] = kinds
             for kind, rsm in kinds.items():

@@ -61,6 +61,16 @@ def _check_representations(x: object, name: str = "x", *, min_samples: int = 1) 
             )
 
 
+def _check_max_positions(max_positions: object) -> None:
+    """Raise unless ``max_positions`` is None or a positive int."""
+    if max_positions is not None and not (
+        isinstance(max_positions, int) and not isinstance(max_positions, bool) and max_positions > 0
+    ):
+        raise ValueError(
+            f"Expected `max_positions` to be a positive int or None, but got {max_positions!r}."
+        )
+
+
 def _pooled_grid(height: int, width: int, max_positions: int) -> tuple[int, int]:
     """Largest grid of at most ``max_positions`` cells that keeps the aspect ratio."""
     scale = math.sqrt(max_positions / (height * width))
@@ -97,12 +107,7 @@ def to_concepts(x: Tensor, *, max_positions: int | None = None, name: str = "x")
         >>> to_concepts(torch.zeros(5, 10)).shape
         torch.Size([5, 1, 10])
     """
-    if max_positions is not None and not (
-        isinstance(max_positions, int) and not isinstance(max_positions, bool) and max_positions > 0
-    ):
-        raise ValueError(
-            f"Expected `max_positions` to be a positive int or None, but got {max_positions!r}."
-        )
+    _check_max_positions(max_positions)
     _check_representations(x, name)
     if not x.is_floating_point():
         x = x.float()

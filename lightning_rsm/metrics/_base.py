@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_rsm.functional.representations import to_concepts
+from lightning_rsm.functional.representations import _check_max_positions, to_concepts
 from lightning_rsm.functional.rsm import _check_options, semantic_rsm
 
 
@@ -29,23 +29,18 @@ class _SemanticRSMBase(Metric):
         matcher: str = "exact",
         sigma: float | None = None,
         window: int = 8,
+        tol: float = 1e-4,
         max_positions: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _check_options(kernel, matcher, sigma, window)
-        if max_positions is not None and not (
-            isinstance(max_positions, int)
-            and not isinstance(max_positions, bool)
-            and max_positions > 0
-        ):
-            raise ValueError(
-                f"Expected `max_positions` to be a positive int or None, but got {max_positions!r}."
-            )
+        _check_options(kernel, matcher, sigma, window, tol)
+        _check_max_positions(max_positions)
         self.kernel = kernel
         self.matcher = matcher
         self.sigma = sigma
         self.window = window
+        self.tol = tol
         self.max_positions = max_positions
 
     def _concepts(self, x: Tensor, name: str, stored: list[Tensor] | Tensor) -> Tensor:
@@ -74,4 +69,5 @@ class _SemanticRSMBase(Metric):
             matcher=self.matcher,
             sigma=self.sigma,
             window=self.window,
+            tol=self.tol,
         )

@@ -28,9 +28,10 @@ class ProbabilityAgreement(_SemanticRSMBase):
         correlation: ``"pearson"``, ``"spearman"`` or ``"kendall"``.
         from_logits: whether ``logits`` are logits (softmax applied) or probabilities.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
-        matcher: ``"exact"``, ``"windowed"`` or ``"greedy"``.
+        matcher: ``"exact"``, ``"windowed"``, ``"greedy"`` or ``"auction"``.
         sigma: RBF bandwidth; default the median heuristic.
         window: window size of the ``"windowed"`` matcher.
+        tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
         max_positions: pool each sample to at most this many concept vectors on ``update``.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
@@ -64,6 +65,7 @@ class ProbabilityAgreement(_SemanticRSMBase):
         *,
         sigma: float | None = None,
         window: int = 8,
+        tol: float = 1e-4,
         max_positions: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -72,6 +74,7 @@ class ProbabilityAgreement(_SemanticRSMBase):
             matcher=matcher,
             sigma=sigma,
             window=window,
+            tol=tol,
             max_positions=max_positions,
             **kwargs,
         )

@@ -26,9 +26,10 @@ class RSMComparison(_SemanticRSMBase):
     Args:
         method: ``"spearman"``, ``"pearson"``, ``"kendall"`` or ``"cka"``.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``, used for both RSMs.
-        matcher: ``"exact"``, ``"windowed"`` or ``"greedy"``.
+        matcher: ``"exact"``, ``"windowed"``, ``"greedy"`` or ``"auction"``.
         sigma: RBF bandwidth; default the median heuristic (of each RSM).
         window: window size of the ``"windowed"`` matcher.
+        tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
         max_positions: pool each sample to at most this many concept vectors on ``update``.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
@@ -60,6 +61,7 @@ class RSMComparison(_SemanticRSMBase):
         *,
         sigma: float | None = None,
         window: int = 8,
+        tol: float = 1e-4,
         max_positions: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -68,6 +70,7 @@ class RSMComparison(_SemanticRSMBase):
             matcher=matcher,
             sigma=sigma,
             window=window,
+            tol=tol,
             max_positions=max_positions,
             **kwargs,
         )

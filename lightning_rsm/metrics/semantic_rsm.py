@@ -65,9 +65,10 @@ class SemanticRSM(_SemanticRSMBase):
 
     Args:
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
-        matcher: ``"exact"``, ``"windowed"`` or ``"greedy"`` (see ``semantic_rsm``).
+        matcher: ``"exact"``, ``"windowed"``, ``"greedy"`` or ``"auction"`` (see ``semantic_rsm``).
         sigma: RBF bandwidth; default the median heuristic.
         window: window size of the ``"windowed"`` matcher.
+        tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
         max_positions: pool each sample to at most this many concept vectors on ``update``.
         top_k: rank depth for ``"map"``; ``None`` for the whole ranking.
         ks: the k of ``"precision@k"`` and ``"recall@k"``.
@@ -109,6 +110,7 @@ class SemanticRSM(_SemanticRSMBase):
         *,
         sigma: float | None = None,
         window: int = 8,
+        tol: float = 1e-4,
         max_positions: int | None = None,
         top_k: int | None = None,
         ks: Sequence[int] = (1,),
@@ -122,6 +124,7 @@ class SemanticRSM(_SemanticRSMBase):
             matcher=matcher,
             sigma=sigma,
             window=window,
+            tol=tol,
             max_positions=max_positions,
             **kwargs,
         )
