@@ -96,7 +96,9 @@ def _default_block_pairs(size: int, matcher: str, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, free // 2 // (_AUCTION_BYTES_PER_ENTRY * size * size))
     entries = _BLOCK_ENTRIES.get(matcher, _DEFAULT_BLOCK_ENTRIES)
-    return max(1, min(8192, entries // (size * size)))
+    # scipy's solves dominate and need no big matmuls: small blocks balance the threads' load
+    most = 8192 if matcher in _TORCH_MATCHERS else 256
+    return max(1, min(most, entries // (size * size)))
 
 
 def _check_pair(x: Tensor, y: Tensor | None) -> None:
@@ -368,9 +370,9 @@ def semantic_rsm(
             cosine scale (see ``return_gap`` for the certificate of every entry).
         max_positions: cap on S; larger maps are adaptive-average-pooled (see
             :func:`~lightning_rsm.functional.to_concepts`).
-        block_size: pairs per block (default from S, so a CPU block holds about 2M scores, or
-            8M for the auction; on CUDA the auction's and greedy's blocks fill half the
-            free memory).
+        block_size: pairs per block (default from S: on CPU at most 2M scores and 256 pairs
+            for the scipy matchers, 8M scores for the auction and greedy; on CUDA the
+            auction's and greedy's blocks fill half the free memory).
         num_workers: solver threads (default: all cores; 1 for the auction and greedy on CUDA).
         progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
         return_gap: also return, per entry, a certified bound on the distance from the exact
