@@ -187,7 +187,7 @@ def _world(distributed: bool | None) -> tuple[int, int]:
 
 @contextmanager
 def _intra_op_threads(count: int) -> Iterator[None]:
-    """Temporarily set torch's intra-op threads (the pool's workers already use every core)."""
+    """Temporarily set torch's intra-op threads of the calling thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -204,30 +204,37 @@ def _run_blocks(
 ) -> Iterator[tuple[list[Segment], Tensor, Tensor]]:
     """Yield solved blocks, at most ``2 * num_workers`` in flight; Ctrl-C cancels the rest."""
     total = sum(j1 - j0 for block in blocks for _, j0, j1 in block)
-    with tqdm(total=total, disable=not progress, unit="pair", desc="semantic RSM") as bar:
+    bar = tqdm(total=total, disable=not progress, unit="pair", desc="semantic RSM")
+    # The small per-block matmuls run fastest on one thread each; the workers use the cores.
+    with bar, _intra_op_threads(1):
         if num_workers == 1:
             for block in blocks:
                 result = work(block)
                 bar.update(sum(j1 - j0 for _, j0, j1 in block))
                 yield result
             return
-        pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="lightning_rsm")
+        # OpenMP's thread count is per thread: each worker sets its own to 1.
+        pool = ThreadPoolExecutor(
+            max_workers=num_workers,
+            thread_name_prefix="lightning_rsm",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
         pending: set[Future] = set()
         todo = iter(blocks)
         try:
-            with _intra_op_threads(1):
-                while True:
-                    for block in todo:
-                        pending.add(pool.submit(work, block))
-                        if len(pending) >= 2 * num_workers:
-                            break
-                    if not pending:
+            while True:
+                for block in todo:
+                    pending.add(pool.submit(work, block))
+                    if len(pending) >= 2 * num_workers:
                         break
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        result = future.result()
-                        bar.update(sum(j1 - j0 for _, j0, j1 in result[0]))
-                        yield result
+                if not pending:
+                    break
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result = future.result()
+                    bar.update(sum(j1 - j0 for _, j0, j1 in result[0]))
+                    yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
