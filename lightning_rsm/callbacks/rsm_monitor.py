@@ -30,7 +30,7 @@ from lightning_rsm.functional import (
     to_concepts,
 )
 from lightning_rsm.functional.comparison import _COMPARISONS
-from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS, _check_options
+from lightning_rsm.functional.rsm import _check_options
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
 
 Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor]
@@ -243,15 +243,11 @@ class RSMMonitor(Callback):
             raise MisconfigurationException(
                 f"Expected `every_n_epochs` to be an int of at least 1, but got {every_n_epochs!r}."
             )
-        for name, value, allowed in (
-            ("kernel", kernel, sorted(_KERNELS)),
-            ("matcher", matcher, sorted(_MATCHERS)),
-            ("rsa_method", rsa_method, sorted(_COMPARISONS)),
-        ):
-            if value not in allowed:
-                raise MisconfigurationException(
-                    f"Expected `{name}` to be one of {allowed}, but got {value!r}."
-                )
+        if rsa_method not in _COMPARISONS:
+            raise MisconfigurationException(
+                f"Expected `rsa_method` to be one of {sorted(_COMPARISONS)}, "
+                f"but got {rsa_method!r}."
+            )
         try:
             _check_options(kernel, matcher, sigma, window, tol)
         except ValueError as err:
