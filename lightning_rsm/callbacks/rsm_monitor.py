@@ -30,6 +30,7 @@ from lightning_rsm.functional import (
     to_concepts,
 )
 from lightning_rsm.functional.comparison import _COMPARISONS
+from lightning_rsm.functional.representations import _is_positive_int
 from lightning_rsm.functional.rsm import _check_options
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
 
@@ -255,7 +256,7 @@ class RSMMonitor(Callback):
         for name, value in (("max_positions", max_positions), ("batch_size", batch_size)):
             if value is None and name == "max_positions":
                 continue
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            if not _is_positive_int(value):
                 raise MisconfigurationException(
                     f"Expected `{name}` to be a positive int, but got {value!r}."
                 )

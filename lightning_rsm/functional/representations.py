@@ -61,11 +61,14 @@ def _check_representations(x: object, name: str = "x", *, min_samples: int = 1) 
             )
 
 
+def _is_positive_int(value: object) -> bool:
+    """True for ints above 0 (bools excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_max_positions(max_positions: object) -> None:
     """Raise unless ``max_positions`` is None or a positive int."""
-    if max_positions is not None and not (
-        isinstance(max_positions, int) and not isinstance(max_positions, bool) and max_positions > 0
-    ):
+    if max_positions is not None and not _is_positive_int(max_positions):
         raise ValueError(
             f"Expected `max_positions` to be a positive int or None, but got {max_positions!r}."
         )
@@ -109,6 +112,11 @@ def to_concepts(x: Tensor, *, max_positions: int | None = None, name: str = "x")
     """
     _check_max_positions(max_positions)
     _check_representations(x, name)
+    return _reshape_concepts(x, max_positions)
+
+
+def _reshape_concepts(x: Tensor, max_positions: int | None) -> Tensor:
+    """:func:`to_concepts` without the checks, for inputs that were already validated."""
     if not x.is_floating_point():
         x = x.float()
     if x.ndim == 2:

@@ -35,7 +35,12 @@ from lightning_rsm.functional.matching import (
     match_greedy,
     match_windowed,
 )
-from lightning_rsm.functional.representations import _check_representations, to_concepts
+from lightning_rsm.functional.representations import (
+    _check_max_positions,
+    _check_representations,
+    _is_positive_int,
+    _reshape_concepts,
+)
 
 _KERNELS = ("cosine", "inner", "rbf")
 
@@ -65,10 +70,6 @@ _AUCTION_BYTES_PER_ENTRY = 40
 _TORCH_MATCHERS = ("auction", "greedy")
 
 Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_options(
@@ -117,9 +118,12 @@ def _check_pair(x: Tensor, y: Tensor | None) -> None:
 
 
 def _prepare(x: Tensor, y: Tensor | None, max_positions: int | None) -> tuple[Tensor, Tensor]:
-    """Concept vectors ``(N, S, C)`` and ``(M, S, C)`` in float32 or float64, detached."""
-    xs = to_concepts(x.detach(), max_positions=max_positions, name="x")
-    ys = xs if y is None else to_concepts(y.detach(), max_positions=max_positions, name="y")
+    """Concept vectors ``(N, S, C)`` and ``(M, S, C)`` in float32 or float64, detached.
+
+    The inputs must have passed :func:`_check_pair` (each tensor is scanned for NaN/Inf once).
+    """
+    xs = _reshape_concepts(x.detach(), max_positions)
+    ys = xs if y is None else _reshape_concepts(y.detach(), max_positions)
     if xs.dtype not in (torch.float32, torch.float64):
         xs, ys = xs.float(), ys.float()
     return xs, ys
@@ -249,8 +253,12 @@ def _assignment_bounds(
     num_workers: int | None,
     progress: bool,
     distributed: bool | None,
+    sq_x: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``."""
+    """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``.
+
+    ``sq_x`` are the squared norms of ``xs`` (the diagonal when ``symmetric``).
+    """
     n, m, size = xs.shape[0], ys.shape[0], xs.shape[1]
     norms_x = xs.norm(dim=2)
     norms_y = norms_x if symmetric else ys.norm(dim=2)
@@ -277,7 +285,7 @@ def _assignment_bounds(
     if world > 1:
         _sum_across_ranks(lower, upper)
     if symmetric:
-        diagonal = torch.diag(_squared_norms(xs))
+        diagonal = torch.diag(sq_x)
         lower = lower + lower.T + diagonal
         upper = upper + upper.T + diagonal
     return lower, upper
@@ -411,9 +419,12 @@ def semantic_rsm(
     for name, value in (("block_size", block_size), ("num_workers", num_workers)):
         if value is not None and not _is_positive_int(value):
             raise ValueError(f"Expected `{name}` to be a positive int or None, but got {value!r}.")
+    _check_max_positions(max_positions)
     _check_pair(x, y)
     xs, ys = _prepare(x, y, max_positions)
     symmetric = y is None
+    sq_x = _squared_norms(xs)
+    sq_y = sq_x if symmetric else _squared_norms(ys)
     lower, upper = _assignment_bounds(
         xs,
         ys,
@@ -424,9 +435,8 @@ def semantic_rsm(
         num_workers,
         progress,
         distributed,
+        sq_x,
     )
-    sq_x = _squared_norms(xs)
-    sq_y = sq_x if symmetric else _squared_norms(ys)
     if kernel == "rbf" and sigma is None:
         sigma = _median_sigma(lower, sq_x, sq_y, symmetric)
     rsm = _apply_kernel(lower, sq_x, sq_y, kernel, sigma, symmetric)
