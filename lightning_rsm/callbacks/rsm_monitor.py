@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_rsm.functional import (
     compare_rsms,
-    probability_agreement,
+    jensen_shannon_similarity,
     retrieval_average_precision,
     retrieval_precision,
     semantic_rsm,
@@ -506,6 +506,9 @@ class RSMMonitor(Callback):
         assert self._inputs is not None  # set in on_fit_start
         features, logits = self._forward(trainer, pl_module, self._inputs)
         labels = self._labels
+        # The probability agreement is the Pearson RSA of each RSM with this one matrix of
+        # output similarities (as in probability_agreement); it is formed once per evaluation.
+        output_similarity = None if logits is None else jensen_shannon_similarity(logits.double())
         scores: dict[str, float] = {}
         rsms: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
@@ -530,8 +533,10 @@ class RSMMonitor(Callback):
                 if labels is not None:
                     scores[f"{prefix}/map"] = float(retrieval_average_precision(rsm, labels))
                     scores[f"{prefix}/precision@1"] = float(retrieval_precision(rsm, labels, k=1))
-                if logits is not None:
-                    scores[f"{prefix}/agreement"] = float(probability_agreement(rsm, logits))
+                if output_similarity is not None:
+                    scores[f"{prefix}/agreement"] = float(
+                        compare_rsms(rsm, output_similarity, method="pearson")
+                    )
             semantic = kinds["semantic"]
             if layer in self._previous:
                 scores[f"rsm/{layer}/rsa_to_previous"] = float(
