@@ -106,7 +106,7 @@ def main(epochs: int = 3, log_dir: str = "runs/custom_model") -> list[dict[str, 
         print(
             f"epoch {row['epoch']}: encoder mAP semantic {row['rsm/encoder/semantic/map']:.3f} "
             f"baseline {row['rsm/encoder/baseline/map']:.3f}, "
-            f"agreement {row['rsm/encoder/semantic/agreement']:.3f}, "
+            f"agreement {row['rsm/encoder/semantic/probability_agreement']:.3f}, "
             f"RSA with pixels {row['rsm/encoder/vs_pixels']:.3f}"
         )
     return monitor.history

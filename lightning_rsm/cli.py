@@ -7,6 +7,7 @@ Only parses arguments and reports; the work is done by :mod:`lightning_rsm.funct
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional.rsm import _KERNELS, _MATCHERS
+from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS, KERNELS, MATCHERS
 
 _RESERVED = ("labels", "logits")
 _KINDS = ("semantic", "baseline")
+# The scores shown in the table, and their column headers.
+_COLUMNS = {"map": "mAP", "precision@1": "P@1", "probability_agreement": "prob. agreement"}
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error message, without terminal colour codes."""
+    text = _ANSI_ESCAPE.sub("", str(error)).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 class _CliError(Exception):
@@ -44,10 +54,9 @@ def _load_features(path: Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise _CliError(
             f"Expected {str(path)!r} to be a file written by torch.save holding tensors, "
-            f"but it could not be loaded ({type(error).__name__}: {reason})."
+            f"but it could not be loaded ({type(error).__name__}: {_one_line(error)})."
         ) from None
     if isinstance(content, Tensor):
         content = {"features": content}
@@ -73,16 +82,10 @@ def _load_features(path: Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor
 
 
 def _compute(args: argparse.Namespace) -> None:
-    from lightning_rsm.functional import (
-        probability_agreement,
-        retrieval_average_precision,
-        retrieval_precision,
-        semantic_rsm,
-        spatio_semantic_rsm,
-        to_concepts,
-    )
+    from lightning_rsm.functional import rsm_scores, semantic_rsm, spatio_semantic_rsm, to_concepts
 
     layers, labels, logits = _load_features(args.features)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     out: Path = args.output
     rsms: dict[str, Tensor] = {}
     rows = []
@@ -91,20 +94,16 @@ def _compute(args: argparse.Namespace) -> None:
             concepts = to_concepts(x, max_positions=args.max_positions, name=layer)
             kinds = {
                 "semantic": semantic_rsm(
-                    concepts, kernel=args.kernel, matcher=args.matcher, progress=args.progress
+                    concepts, kernel=args.kernel, matcher=args.matcher, progress=progress
                 )
             }
             if not args.no_baseline:
                 kinds["baseline"] = spatio_semantic_rsm(concepts, kernel=args.kernel)
             for kind, rsm in kinds.items():
                 rsms[f"{layer}/{kind}"] = rsm
-                row = [layer, kind]
-                row.append(retrieval_average_precision(rsm, labels) if labels is not None else None)
-                row.append(retrieval_precision(rsm, labels, k=1) if labels is not None else None)
-                row.append(probability_agreement(rsm, logits) if logits is not None else None)
-                rows.append(row)
+                rows.append((layer, kind, rsm_scores(rsm, labels, logits)))
         except (TypeError, ValueError) as error:
-            raise _CliError(f"layer {layer!r}: {error}") from None
+            raise _CliError(f"layer {layer!r}: {_one_line(error)}") from None
     png = out.with_suffix(".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,11 +115,11 @@ def _compute(args: argparse.Namespace) -> None:
     print(f"\nwrote {out} ({len(rsms)} RSMs) and {png}")
 
 
-def _table(rows: Sequence[Sequence[object]]) -> str:
-    header = ["layer", "rsm", "mAP", "P@1", "agreement"]
+def _table(rows: Sequence[tuple[str, str, dict[str, Tensor]]]) -> str:
+    header = ["layer", "rsm", *_COLUMNS.values()]
     cells = [
-        [str(r[0]), str(r[1]), *("-" if v is None else f"{float(v):.3f}" for v in r[2:])]
-        for r in rows
+        [layer, kind, *(f"{float(s[key]):.3f}" if key in s else "-" for key in _COLUMNS)]
+        for layer, kind, s in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
 
@@ -186,6 +185,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_positions(text: str) -> int | None:
+    return None if text.lower() == "none" else _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lightning-rsm`` argument parser with its ``compute`` and ``demo`` commands.
 
@@ -223,20 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="output file for the RSMs, e.g. rsms.pt",
     )
-    compute.add_argument("--kernel", default="cosine", choices=sorted(_KERNELS))
     compute.add_argument(
-        "--matcher", default="exact", choices=sorted(_MATCHERS), help="LAP solver (default: exact)"
+        "--kernel", default="cosine", choices=sorted(KERNELS), help="RSM kernel (default: cosine)"
+    )
+    compute.add_argument(
+        "--matcher", default="exact", choices=sorted(MATCHERS), help="LAP solver (default: exact)"
     )
     compute.add_argument(
         "--max-positions",
-        type=_positive_int,
-        default=None,
-        help="pool feature maps to at most this many positions",
+        type=_max_positions,
+        default=DEFAULT_MAX_POSITIONS,
+        help=(
+            "average-pool feature maps to at most this many positions; 'none' keeps all (exact "
+            "costs about S^3 per pair) (default: %(default)s)"
+        ),
     )
     compute.add_argument(
         "--no-baseline", action="store_true", help="skip the spatially aligned baseline RSM"
     )
-    compute.add_argument("--progress", action="store_true", help="show a progress bar")
+    compute.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
     compute.set_defaults(run=_compute)
 
     demo = commands.add_parser(

@@ -179,7 +179,12 @@ def format_table(history: Sequence[dict[str, float]], layers: Sequence[str]) -> 
     """
     width = max(5, *(len(layer) for layer in layers))
     columns = ("sem mAP", "base mAP", "sem agree", "base agree")
-    keys = ("semantic/map", "baseline/map", "semantic/agreement", "baseline/agreement")
+    keys = (
+        "semantic/map",
+        "baseline/map",
+        "semantic/probability_agreement",
+        "baseline/probability_agreement",
+    )
     lines = [f"epoch  {'layer':<{width}}  " + "  ".join(columns)]
     for row in history:
         for layer in layers:

@@ -73,7 +73,11 @@ def test_model_blocks_have_the_documented_shapes():
 
 
 def test_table_shows_missing_scores_as_dashes():
-    row = {"epoch": 2, "rsm/a/semantic/map": 0.5, "rsm/a/semantic/agreement": float("nan")}
+    row = {
+        "epoch": 2,
+        "rsm/a/semantic/map": 0.5,
+        "rsm/a/semantic/probability_agreement": float("nan"),
+    }
     assert format_table([row], ["a"]).splitlines()[1].split() == ["2", "a", "0.500", "-", "-", "-"]
 
 

@@ -2,7 +2,7 @@
 
 from lightning_rsm.functional.agreement import jensen_shannon_similarity, probability_agreement
 from lightning_rsm.functional.auction import auction_assignment
-from lightning_rsm.functional.comparison import compare_rsms
+from lightning_rsm.functional.comparison import compare_rsms, rsa_matrix
 from lightning_rsm.functional.matching import (
     assignment_upper_bound,
     match_exact,
@@ -17,6 +17,7 @@ from lightning_rsm.functional.retrieval import (
     retrieval_recall,
 )
 from lightning_rsm.functional.rsm import semantic_rsm, spatio_semantic_rsm
+from lightning_rsm.functional.scores import rsm_scores
 
 __all__ = [
     "assignment_upper_bound",
@@ -31,6 +32,8 @@ __all__ = [
     "retrieval_f1_at_1",
     "retrieval_precision",
     "retrieval_recall",
+    "rsa_matrix",
+    "rsm_scores",
     "semantic_rsm",
     "spatio_semantic_rsm",
     "to_concepts",

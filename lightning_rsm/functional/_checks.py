@@ -1,22 +1,10 @@
-"""Input checks shared by the RSM quality and comparison functions; each helper only raises."""
+"""The RSM check shared by the quality and comparison functions; it only raises."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-
-def _check_finite(x: Tensor, name: str) -> None:
-    """Raise if a floating tensor holds NaN or Inf, naming how many and the first index."""
-    if not x.is_floating_point():
-        return
-    bad = ~x.isfinite()
-    n_bad = int(bad.sum())
-    if n_bad:
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"Expected `{name}` to be finite, but got {n_bad} NaN/Inf values; "
-            f"the first at index {first}."
-        )
+from lightning_rsm.functional.options import check_finite
 
 
 def _check_rsm(rsm: object, name: str = "rsm") -> None:
@@ -34,4 +22,4 @@ def _check_rsm(rsm: object, name: str = "rsm") -> None:
         )
     if not rsm.is_floating_point():
         raise TypeError(f"Expected `{name}` to have a floating dtype, but got {rsm.dtype}.")
-    _check_finite(rsm, name)
+    check_finite(rsm, name)

@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional._checks import _check_finite, _check_rsm
-from lightning_rsm.functional.comparison import _CORRELATIONS, _check_method, _upper_triangle
+from lightning_rsm.functional._checks import _check_rsm
+from lightning_rsm.functional.comparison import _CORRELATIONS, _upper_triangle
+from lightning_rsm.functional.options import CORRELATIONS, check_choice, check_finite
 
 # Pairwise JSD works on blocks of about this many (pair, class) entries: it bounds memory.
 _BLOCK_ELEMENTS = 1 << 23
@@ -48,7 +49,7 @@ def _check_distributions(
         raise ValueError(f"Expected `{name}` of shape {expected}, but got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
         raise TypeError(f"Expected `{name}` to have a floating dtype, but got {x.dtype}.")
-    _check_finite(x, name)
+    check_finite(x, name)
     if from_logits:
         return
     if (x < 0).any():
@@ -90,6 +91,13 @@ def _jensen_shannon_similarity(p: Tensor) -> Tensor:
 
 def _probabilities(x: Tensor, from_logits: bool) -> Tensor:
     return torch.softmax(x.double(), dim=1) if from_logits else x.double()
+
+
+def _probability_agreement_compute(rsm: Tensor, similarity: Tensor, correlation: str) -> Tensor:
+    """Correlation of the upper triangles of ``rsm`` and an output-similarity matrix, float64."""
+    return _CORRELATIONS[correlation](
+        _upper_triangle(rsm.double()), _upper_triangle(similarity.double().to(rsm.device))
+    )
 
 
 def jensen_shannon_similarity(logits_or_probs: Tensor, from_logits: bool = True) -> Tensor:
@@ -156,10 +164,10 @@ def probability_agreement(
         >>> probability_agreement(rsm, logits, correlation="spearman")
         tensor(1.)
     """
-    _check_method(correlation, _CORRELATIONS, "correlation")
+    check_choice(correlation, CORRELATIONS, "correlation")
     _check_rsm(rsm)
     _check_distributions(logits, from_logits, "logits", rsm.shape[0])
     similarity = _jensen_shannon_similarity(_probabilities(logits.to(rsm.device), from_logits))
-    score = _CORRELATIONS[correlation](_upper_triangle(rsm.double()), _upper_triangle(similarity))
+    score = _probability_agreement_compute(rsm, similarity, correlation)
     dtype = torch.promote_types(torch.promote_types(rsm.dtype, logits.dtype), torch.float32)
     return score.to(dtype)

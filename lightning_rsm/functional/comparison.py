@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_rsm.functional._checks import _check_rsm
+from lightning_rsm.functional.options import COMPARISON_METHODS, check_choice
 
 
 def _upper_triangle(rsm: Tensor) -> Tensor:
@@ -143,11 +144,6 @@ _COMPARISONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def _check_method(method: object, registry: dict, name: str) -> None:
-    if method not in registry:
-        raise ValueError(f"Expected `{name}` to be one of {sorted(registry)}, but got {method!r}.")
-
-
 def compare_rsms(a: Tensor, b: Tensor, *, method: str = "spearman") -> Tensor:
     """Similarity of two RSMs of the same N samples: 1 = identical structure, higher = closer.
 
@@ -191,7 +187,7 @@ def compare_rsms(a: Tensor, b: Tensor, *, method: str = "spearman") -> Tensor:
         >>> compare_rsms(a, 1 - a, method="kendall")     # a distance matrix ranks the other way
         tensor(-1.)
     """
-    _check_method(method, _COMPARISONS, "method")
+    check_choice(method, COMPARISON_METHODS, "method")
     _check_rsm(a, "a")
     _check_rsm(b, "b")
     if a.shape != b.shape:
@@ -202,3 +198,33 @@ def compare_rsms(a: Tensor, b: Tensor, *, method: str = "spearman") -> Tensor:
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     b = b.to(a.device)
     return _COMPARISONS[method](a.double(), b.double()).to(dtype)
+
+
+def rsa_matrix(rsms: Sequence[Tensor], *, method: str = "spearman") -> Tensor:
+    """Every two RSMs compared with :func:`compare_rsms`: e.g. the layer x layer RSA matrix.
+
+    Args:
+        rsms: L RSMs of shape ``(N, N)`` over the same samples.
+        method: as in :func:`compare_rsms`.
+
+    Returns:
+        symmetric float32 tensor of shape ``(L, L)`` with ones on the diagonal.
+
+    Raises:
+        ValueError: As :func:`compare_rsms`, or if ``rsms`` is empty.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[1.0, 0.8, 0.1], [0.8, 1.0, 0.3], [0.1, 0.3, 1.0]])
+        >>> rsa_matrix([a, a ** 2, 1 - a], method="spearman")
+        tensor([[ 1.,  1., -1.],
+                [ 1.,  1., -1.],
+                [-1., -1.,  1.]])
+    """
+    if len(rsms) == 0:
+        raise ValueError("Expected `rsms` to hold at least one RSM, but got none.")
+    matrix = torch.ones(len(rsms), len(rsms))
+    for i in range(len(rsms)):
+        for j in range(i + 1, len(rsms)):
+            matrix[i, j] = matrix[j, i] = float(compare_rsms(rsms[i], rsms[j], method=method))
+    return matrix

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_rsm.functional.options import check_positive_int
+
 _SHAPES = "(N, C, H, W), (N, T, D) or (N, D)"
 
 
@@ -61,19 +63,6 @@ def _check_representations(x: object, name: str = "x", *, min_samples: int = 1) 
             )
 
 
-def _is_positive_int(value: object) -> bool:
-    """True for ints above 0 (bools excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _check_max_positions(max_positions: object) -> None:
-    """Raise unless ``max_positions`` is None or a positive int."""
-    if max_positions is not None and not _is_positive_int(max_positions):
-        raise ValueError(
-            f"Expected `max_positions` to be a positive int or None, but got {max_positions!r}."
-        )
-
-
 def _pooled_grid(height: int, width: int, max_positions: int) -> tuple[int, int]:
     """Largest grid of at most ``max_positions`` cells that keeps the aspect ratio."""
     scale = math.sqrt(max_positions / (height * width))
@@ -110,7 +99,7 @@ def to_concepts(x: Tensor, *, max_positions: int | None = None, name: str = "x")
         >>> to_concepts(torch.zeros(5, 10)).shape
         torch.Size([5, 1, 10])
     """
-    _check_max_positions(max_positions)
+    check_positive_int(max_positions, "max_positions", optional=True)
     _check_representations(x, name)
     return _reshape_concepts(x, max_positions)
 

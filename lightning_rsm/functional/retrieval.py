@@ -30,42 +30,14 @@ import torch
 from torch import Tensor
 
 from lightning_rsm.functional._checks import _check_rsm
-
-_EMPTY_TARGET_ACTIONS = ("error", "neg", "pos", "skip")
+from lightning_rsm.functional.options import (
+    EMPTY_TARGET_ACTIONS,
+    check_choice,
+    check_labels,
+)
 
 # Rows are ranked in blocks of about this many RSM entries: it bounds the memory of the sort.
 _BLOCK_ELEMENTS = 1 << 22
-
-
-def _check_labels(labels: object, n: int, context: str = "the RSM of {n} samples") -> None:
-    """Raise if ``labels`` are not N class ids of shape ``(N,)`` or multi-hot ``(N, L)``.
-
-    ``context`` (formatted with ``n``) says in messages what the N samples are.
-    """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"Expected `labels` to be a torch.Tensor, but got {type(labels).__name__}.")
-    if labels.ndim not in (1, 2) or labels.shape[0] != n:
-        raise ValueError(
-            f"Expected `labels` to have shape ({n},) (class ids) or ({n}, L) (multi-hot) to match "
-            f"{context.format(n=n)}, but got shape {tuple(labels.shape)}."
-        )
-    if labels.ndim == 1:
-        if labels.is_floating_point() or labels.is_complex():
-            raise TypeError(
-                f"Expected class-id `labels` of shape (N,) to have an integer or bool dtype, "
-                f"but got {labels.dtype}."
-            )
-        return
-    if labels.is_complex():
-        raise TypeError(
-            f"Expected multi-hot `labels` to have a real dtype, but got {labels.dtype}."
-        )
-    if labels.dtype != torch.bool and not ((labels == 0) | (labels == 1)).all():
-        bad = labels[(labels != 0) & (labels != 1)]
-        raise ValueError(
-            f"Expected multi-hot `labels` of shape (N, L) to hold only 0 and 1, "
-            f"but got the value {bad[0].item()!r}."
-        )
 
 
 def _check_k(k: object, name: str, n: int) -> None:
@@ -84,14 +56,10 @@ def _check_retrieval_args(
     empty_target_action: object,
 ) -> None:
     """Check every argument of a retrieval score before any sorting."""
-    if empty_target_action not in _EMPTY_TARGET_ACTIONS:
-        raise ValueError(
-            f"Expected `empty_target_action` to be one of {list(_EMPTY_TARGET_ACTIONS)}, "
-            f"but got {empty_target_action!r}."
-        )
+    check_choice(empty_target_action, EMPTY_TARGET_ACTIONS, "empty_target_action")
     _check_rsm(rsm)
     n = rsm.shape[0]
-    _check_labels(labels, n)
+    check_labels(labels, n)
     for name, k in ks:
         _check_k(k, name, n)
 

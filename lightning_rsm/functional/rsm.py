@@ -12,8 +12,8 @@ baseline is the same with the identity permutation, ``trace(X_i @ Y_j.T)``.
 Pairs are solved in blocks: one batched matmul forms the ``(B, S, S)`` score matrices of a block
 of pairs, a matcher solves them, and blocks run on a thread pool (scipy's solver releases the
 GIL). With ``y=None`` only pairs ``i < j`` are solved; the diagonal is exact by construction
-(the identity permutation is optimal for a sample against itself). With an initialised
-``torch.distributed`` process group the blocks are split across ranks and the result gathered.
+(the identity permutation is optimal for a sample against itself). With ``distributed=True``
+the blocks are split across the ranks of the process group and the result gathered.
 """
 
 from __future__ import annotations
@@ -35,14 +35,8 @@ from lightning_rsm.functional.matching import (
     match_greedy,
     match_windowed,
 )
-from lightning_rsm.functional.representations import (
-    _check_max_positions,
-    _check_representations,
-    _is_positive_int,
-    _reshape_concepts,
-)
-
-_KERNELS = ("cosine", "inner", "rbf")
+from lightning_rsm.functional.options import check_positive_int, check_rsm_options
+from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
 
 
 def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> MatchResult:
@@ -70,25 +64,6 @@ _AUCTION_BYTES_PER_ENTRY = 40
 _TORCH_MATCHERS = ("auction", "greedy")
 
 Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
-
-
-def _check_options(
-    kernel: object, matcher: object, sigma: object, window: object, tol: object = 1e-4
-) -> None:
-    if kernel not in _KERNELS:
-        raise ValueError(f"Expected `kernel` to be one of {sorted(_KERNELS)}, but got {kernel!r}.")
-    if matcher not in _MATCHERS:
-        raise ValueError(
-            f"Expected `matcher` to be one of {sorted(_MATCHERS)}, but got {matcher!r}."
-        )
-    if sigma is not None and not (
-        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0
-    ):
-        raise ValueError(f"Expected `sigma` to be a positive number or None, but got {sigma!r}.")
-    if not _is_positive_int(window):
-        raise ValueError(f"Expected `window` to be a positive int, but got {window!r}.")
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < float("inf")):
-        raise ValueError(f"Expected `tol` to be a positive finite number, but got {tol!r}.")
 
 
 def _default_block_pairs(size: int, matcher: str, device: torch.device) -> int:
@@ -177,16 +152,33 @@ def _solve_block(
     return block, value, upper
 
 
-def _world(distributed: bool | None) -> tuple[int, int]:
+def _world(distributed: bool) -> tuple[int, int]:
     """(rank, world size) to split the blocks over; (0, 1) when not splitting."""
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
-        if distributed:
-            raise ValueError(
-                "Expected an initialised torch.distributed process group with "
-                "`distributed=True`, but none is initialised."
-            )
+    if not distributed:
         return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "Expected an initialised torch.distributed process group with "
+            "`distributed=True`, but none is initialised."
+        )
     return dist.get_rank(), dist.get_world_size()
+
+
+def _raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Collective: every rank learns whether any rank failed, and all of them raise if so.
+
+    Without it, a rank that fails while solving its blocks would leave the others waiting in
+    the all-reduce that gathers the result.
+    """
+    failed = [None] * dist.get_world_size()
+    dist.all_gather_object(failed, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    ranks = [rank for rank, message in enumerate(failed) if message is not None]
+    if ranks:
+        raise RuntimeError(
+            f"semantic_rsm failed on rank {ranks[0]} ({failed[ranks[0]]}); every rank stops."
+        )
 
 
 @contextmanager
@@ -252,7 +244,7 @@ def _assignment_bounds(
     block_size: int | None,
     num_workers: int | None,
     progress: bool,
-    distributed: bool | None,
+    distributed: bool,
     sq_x: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``.
@@ -276,13 +268,20 @@ def _assignment_bounds(
 
     lower = torch.zeros(n, m, dtype=torch.float64, device=xs.device)
     upper = torch.zeros_like(lower)
-    for block, value, bound in _run_blocks(blocks, work, num_workers, progress and rank == 0):
-        start = 0
-        for i, j0, j1 in block:
-            lower[i, j0:j1] = value[start : start + j1 - j0]
-            upper[i, j0:j1] = bound[start : start + j1 - j0]
-            start += j1 - j0
+    error = None
+    try:
+        for block, value, bound in _run_blocks(blocks, work, num_workers, progress and rank == 0):
+            start = 0
+            for i, j0, j1 in block:
+                lower[i, j0:j1] = value[start : start + j1 - j0]
+                upper[i, j0:j1] = bound[start : start + j1 - j0]
+                start += j1 - j0
+    except Exception as caught:
+        if world == 1:
+            raise
+        error = caught
     if world > 1:
+        _raise_if_any_rank_failed(error)
         _sum_across_ranks(lower, upper)
     if symmetric:
         diagonal = torch.diag(sq_x)
@@ -361,7 +360,7 @@ def semantic_rsm(
     num_workers: int | None = None,
     progress: bool = False,
     return_gap: bool = False,
-    distributed: bool | None = None,
+    distributed: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -392,11 +391,11 @@ def semantic_rsm(
         progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
         return_gap: also return, per entry, a certified bound on the distance from the exact
             kernel value (0 for ``matcher="exact"``); ``gap.max()`` is the run's largest.
-        distributed: split the blocks across the ranks of the initialised
-            ``torch.distributed`` process group and gather the full RSM on every rank.
-            ``None`` (default) does so whenever a group is initialised; then **every rank must
-            call with the same inputs**, or the call waits forever. ``False`` computes
-            everything in this process (e.g. inside rank-zero-only code).
+        distributed: ``True`` splits the blocks across the ranks of the initialised
+            ``torch.distributed`` process group and gathers the full RSM on every rank; then
+            **every rank must call with the same inputs**, and if solving fails on one rank,
+            every rank raises. ``False`` (default) computes everything in this process and
+            runs no collective, so it is safe inside rank-zero-only code.
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -415,11 +414,11 @@ def semantic_rsm(
         >>> semantic_rsm(x, kernel="cosine")[0, 1]     # the shift costs nothing
         tensor(1.)
     """
-    _check_options(kernel, matcher, sigma, window, tol)
-    for name, value in (("block_size", block_size), ("num_workers", num_workers)):
-        if value is not None and not _is_positive_int(value):
-            raise ValueError(f"Expected `{name}` to be a positive int or None, but got {value!r}.")
-    _check_max_positions(max_positions)
+    check_rsm_options(kernel, matcher, sigma, window, tol, max_positions)
+    check_positive_int(block_size, "block_size", optional=True)
+    check_positive_int(num_workers, "num_workers", optional=True)
+    if not isinstance(distributed, bool):
+        raise TypeError(f"Expected `distributed` to be a bool, but got {distributed!r}.")
     _check_pair(x, y)
     xs, ys = _prepare(x, y, max_positions)
     symmetric = y is None
@@ -480,7 +479,7 @@ def spatio_semantic_rsm(
         tensor([[1., 0.],
                 [0., 1.]])
     """
-    _check_options(kernel, "exact", sigma, 1)
+    check_rsm_options(kernel, sigma=sigma)
     _check_pair(x, y)
     xs, ys = _prepare(x, y, None)
     symmetric = y is None

@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_rsm.functional.agreement import _check_distributions, probability_agreement
-from lightning_rsm.functional.comparison import _CORRELATIONS, _check_method
+from lightning_rsm.functional.options import CORRELATIONS, DEFAULT_MAX_POSITIONS, check_choice
 from lightning_rsm.metrics._base import _SemanticRSMBase
 
 
@@ -32,7 +32,8 @@ class ProbabilityAgreement(_SemanticRSMBase):
         sigma: RBF bandwidth; default the median heuristic.
         window: window size of the ``"windowed"`` matcher.
         tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
-        max_positions: pool each sample to at most this many concept vectors on ``update``.
+        max_positions: pool each sample to at most this many concept vectors on ``update``
+            (``None``: keep all).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Raises:
@@ -66,7 +67,7 @@ class ProbabilityAgreement(_SemanticRSMBase):
         sigma: float | None = None,
         window: int = 8,
         tol: float = 1e-4,
-        max_positions: int | None = None,
+        max_positions: int | None = DEFAULT_MAX_POSITIONS,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -78,7 +79,7 @@ class ProbabilityAgreement(_SemanticRSMBase):
             max_positions=max_positions,
             **kwargs,
         )
-        _check_method(correlation, _CORRELATIONS, "correlation")
+        check_choice(correlation, CORRELATIONS, "correlation")
         if not isinstance(from_logits, bool):
             raise TypeError(
                 f"Expected `from_logits` to be a bool, but got {type(from_logits).__name__}."

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_rsm.functional.comparison import _COMPARISONS, _check_method, compare_rsms
+from lightning_rsm.functional.comparison import compare_rsms
+from lightning_rsm.functional.options import COMPARISON_METHODS, DEFAULT_MAX_POSITIONS, check_choice
 from lightning_rsm.metrics._base import _SemanticRSMBase
 
 
@@ -30,7 +31,8 @@ class RSMComparison(_SemanticRSMBase):
         sigma: RBF bandwidth; default the median heuristic (of each RSM).
         window: window size of the ``"windowed"`` matcher.
         tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
-        max_positions: pool each sample to at most this many concept vectors on ``update``.
+        max_positions: pool each sample to at most this many concept vectors on ``update``
+            (``None``: keep all).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Raises:
@@ -62,7 +64,7 @@ class RSMComparison(_SemanticRSMBase):
         sigma: float | None = None,
         window: int = 8,
         tol: float = 1e-4,
-        max_positions: int | None = None,
+        max_positions: int | None = DEFAULT_MAX_POSITIONS,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -74,7 +76,7 @@ class RSMComparison(_SemanticRSMBase):
             max_positions=max_positions,
             **kwargs,
         )
-        _check_method(method, _COMPARISONS, "method")
+        check_choice(method, COMPARISON_METHODS, "method")
         self.method = method
         self.add_state("features_a", default=[], dist_reduce_fx="cat")
         self.add_state("features_b", default=[], dist_reduce_fx="cat")

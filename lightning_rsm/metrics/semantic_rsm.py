@@ -10,29 +10,19 @@ from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE, _error_on_missing_matplotlib
 
-from lightning_rsm.functional.agreement import _check_distributions, probability_agreement
-from lightning_rsm.functional.comparison import _CORRELATIONS, _check_method
-from lightning_rsm.functional.retrieval import (
-    _EMPTY_TARGET_ACTIONS,
-    _check_k,
-    _check_labels,
-    _retrieval_compute,
+from lightning_rsm.functional.agreement import _check_distributions
+from lightning_rsm.functional.options import (
+    CORRELATIONS,
+    DEFAULT_MAX_POSITIONS,
+    EMPTY_TARGET_ACTIONS,
+    check_choice,
+    check_labels,
+    check_positive_int,
+    is_positive_int,
 )
+from lightning_rsm.functional.scores import rsm_scores
 from lightning_rsm.metrics._base import _SemanticRSMBase
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _label_order(labels: Tensor) -> Tensor:
-    """Sample order for plotting: by class id, or by first set label (samples without any last);
-    stable, so samples of one group keep their order."""
-    if labels.ndim == 1:
-        return torch.sort(labels, stable=True).indices
-    has_label = labels.any(1)
-    first = torch.where(has_label, labels.int().argmax(1), labels.shape[1])
-    return torch.sort(first, stable=True).indices
+from lightning_rsm.plotting import label_order
 
 
 class SemanticRSM(_SemanticRSMBase):
@@ -40,22 +30,15 @@ class SemanticRSM(_SemanticRSMBase):
 
     ``update`` stores each batch's representations (and optionally labels and logits);
     ``compute`` builds the semantic RSM of all samples with
-    :func:`~lightning_rsm.functional.semantic_rsm` and scores it:
-
-    ===========================  ==============================================  ===============
-    key                          value                                           needs
-    ===========================  ==============================================  ===============
-    ``"rsm"``                    the ``(N, N)`` semantic RSM                     features
-    ``"map"``                    ``retrieval_average_precision`` (``top_k``)     labels
-    ``"precision@k"``            ``retrieval_precision`` for each k in ``ks``    labels
-    ``"recall@k"``               ``retrieval_recall`` for each k in ``ks``       labels
-    ``"f1@1"``                   ``retrieval_f1_at_1``                           multi-hot labels
-    ``"probability_agreement"``  ``probability_agreement``                       logits
-    ===========================  ==============================================  ===============
+    :func:`~lightning_rsm.functional.semantic_rsm` and returns it under ``"rsm"`` with its
+    scores from :func:`~lightning_rsm.functional.rsm_scores` (``"map"``, ``"precision@k"``,
+    ``"recall@k"`` with labels, ``"f1@1"`` with multi-hot labels, ``"probability_agreement"``
+    with logits).
 
     All scores are higher-is-better. States are lists reduced with ``"cat"``, so under DDP
-    ``compute`` sees every rank's samples (rank 0's first) and returns the same on all ranks;
-    the RSM's row order is the order samples were gathered in.
+    ``compute`` sees every rank's samples (rank 0's first) and returns the same on all ranks,
+    sharing the RSM's work among them; a rank that stored nothing takes part too. The RSM's
+    row order is the order samples were gathered in.
 
     .. note::
         Representations are kept until ``reset()``: memory grows as N * S * C floats (after
@@ -69,7 +52,8 @@ class SemanticRSM(_SemanticRSMBase):
         sigma: RBF bandwidth; default the median heuristic.
         window: window size of the ``"windowed"`` matcher.
         tol: certified cosine-scale tolerance of the ``"auction"`` matcher.
-        max_positions: pool each sample to at most this many concept vectors on ``update``.
+        max_positions: pool each sample to at most this many concept vectors on ``update``
+            (``None``: keep all).
         top_k: rank depth for ``"map"``; ``None`` for the whole ranking.
         ks: the k of ``"precision@k"`` and ``"recall@k"``.
         correlation: ``"pearson"``, ``"spearman"`` or ``"kendall"`` for the agreement.
@@ -111,7 +95,7 @@ class SemanticRSM(_SemanticRSMBase):
         sigma: float | None = None,
         window: int = 8,
         tol: float = 1e-4,
-        max_positions: int | None = None,
+        max_positions: int | None = DEFAULT_MAX_POSITIONS,
         top_k: int | None = None,
         ks: Sequence[int] = (1,),
         correlation: str = "pearson",
@@ -128,22 +112,17 @@ class SemanticRSM(_SemanticRSMBase):
             max_positions=max_positions,
             **kwargs,
         )
-        if not (top_k is None or _is_positive_int(top_k)):
-            raise ValueError(f"Expected `top_k` to be a positive int or None, but got {top_k!r}.")
-        if not (isinstance(ks, Sequence) and len(ks) > 0 and all(map(_is_positive_int, ks))):
+        check_positive_int(top_k, "top_k", optional=True)
+        if not (isinstance(ks, Sequence) and len(ks) > 0 and all(map(is_positive_int, ks))):
             raise ValueError(
                 f"Expected `ks` to be a non-empty sequence of positive ints, but got {ks!r}."
             )
-        _check_method(correlation, _CORRELATIONS, "correlation")
+        check_choice(correlation, CORRELATIONS, "correlation")
         if not isinstance(from_logits, bool):
             raise TypeError(
                 f"Expected `from_logits` to be a bool, but got {type(from_logits).__name__}."
             )
-        if empty_target_action not in _EMPTY_TARGET_ACTIONS:
-            raise ValueError(
-                f"Expected `empty_target_action` to be one of {list(_EMPTY_TARGET_ACTIONS)}, "
-                f"but got {empty_target_action!r}."
-            )
+        check_choice(empty_target_action, EMPTY_TARGET_ACTIONS, "empty_target_action")
         self.top_k = top_k
         self.ks = tuple(ks)
         self.correlation = correlation
@@ -185,7 +164,7 @@ class SemanticRSM(_SemanticRSMBase):
         self._check_presence("labels", labels)
         self._check_presence("logits", logits)
         if labels is not None:
-            _check_labels(labels, n, context)
+            check_labels(labels, n, context)
             earlier = self.labels[0].shape[1:] if len(self.labels) else labels.shape[1:]
             if labels.shape[1:] != earlier:
                 expected = f"(B, {earlier[0]})" if earlier else "(B,)"
@@ -213,32 +192,17 @@ class SemanticRSM(_SemanticRSMBase):
                 no relevant sample.
         """
         rsm = self._semantic_rsm(self.features, "features")
-        out = {"rsm": rsm}
-        n = rsm.shape[0]
-        if len(self.labels):
-            labels = dim_zero_cat(self.labels)
-            for k in self.ks:
-                _check_k(k, "k", n)
-            if self.top_k is not None:
-                _check_k(self.top_k, "top_k", n)
-            out.update(
-                _retrieval_compute(
-                    rsm,
-                    labels,
-                    top_k=self.top_k,
-                    ks=self.ks,
-                    f1=labels.ndim == 2,
-                    empty_target_action=self.empty_target_action,
-                )
-            )
-        if len(self.logits):
-            out["probability_agreement"] = probability_agreement(
-                rsm,
-                dim_zero_cat(self.logits),
-                correlation=self.correlation,
-                from_logits=self.from_logits,
-            )
-        return out
+        scores = rsm_scores(
+            rsm,
+            dim_zero_cat(self.labels) if len(self.labels) else None,
+            dim_zero_cat(self.logits) if len(self.logits) else None,
+            ks=self.ks,
+            top_k=self.top_k,
+            correlation=self.correlation,
+            from_logits=self.from_logits,
+            empty_target_action=self.empty_target_action,
+        )
+        return {"rsm": rsm, **scores}
 
     def plot(
         self, val: dict[str, Tensor] | Tensor | None = None, ax: _AX_TYPE | None = None
@@ -265,7 +229,7 @@ class SemanticRSM(_SemanticRSMBase):
         by_label = bool(len(self.labels)) and dim_zero_cat(self.labels).shape[0] == rsm.shape[0]
         if by_label:
             labels = dim_zero_cat(self.labels).cpu()
-            order = _label_order(labels)
+            order = label_order(labels)
             if labels.ndim == 1:
                 ranked = labels[order]
                 boundaries = [i - 0.5 for i in range(1, len(ranked)) if ranked[i] != ranked[i - 1]]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
-from lightning_rsm.callbacks.rsm_monitor import _untouched
+from lightning_rsm.callbacks.probe import untouched
 from lightning_rsm.functional import (
     probability_agreement,
     retrieval_average_precision,
@@ -55,7 +55,7 @@ def scores(history: list[dict]) -> list[dict]:
         ({"every_n_epochs": True}, "`every_n_epochs`"),
         ({"kernel": "linear"}, r"`kernel` to be one of \['cosine', 'inner', 'rbf'\]"),
         ({"matcher": "hungarian"}, "`matcher` to be one of"),
-        ({"rsa_method": "cosine"}, "`rsa_method` to be one of"),
+        ({"method": "cosine"}, "`method` to be one of"),
         ({"sigma": -1.0}, "`sigma`"),
         ({"window": 0}, "`window`"),
         ({"tol": 0.0}, "`tol`"),
@@ -80,13 +80,19 @@ def test_constructor_rejects_bad_values(probe, kwargs, match):
         ("tuple", {"targets": {"t": np.eye(12)}}, TypeError, r"`targets\['t'\]` to be a tensor"),
         ("tuple", {"targets": {"t": torch.ones(12, 11)}}, ValueError, "square matrix"),
         ("tuple", {"logits_fn": 3}, TypeError, "`logits_fn` to be callable"),
-        ("mislabelled", {}, ValueError, r"labels to have shape \(12,\)"),
+        ("mislabelled", {}, ValueError, r"`labels` to have shape \(12,\)"),
+        ("float labels", {}, TypeError, "integer or bool dtype, but got torch.float32"),
         ("single", {}, ValueError, "at least 2 samples"),
     ],
 )
 def test_constructor_rejects_bad_probe_targets_and_types(probe, probe_arg, kwargs, error, match):
     x, y = probe
-    probes = {"tuple": (x, y), "mislabelled": (x, y[:5]), "single": (x[:1],)}
+    probes = {
+        "tuple": (x, y),
+        "mislabelled": (x, y[:5]),
+        "float labels": (x, y.float()),
+        "single": (x[:1],),
+    }
     probe_arg = tuple(probe_arg) if isinstance(probe_arg, list) else probe_arg
     with pytest.raises(error, match=match):
         RSMMonitor(probes.get(probe_arg, probe_arg), ["conv"], **kwargs)
@@ -211,7 +217,7 @@ def test_probe_without_labels_warns_once_and_skips_retrieval(loader, probe, tmp_
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=2)
     assert sum("no labels" in str(w.message) for w in record) == 1
     keys = set(monitor.history[-1])
-    assert "rsm/conv/semantic/agreement" in keys
+    assert "rsm/conv/semantic/probability_agreement" in keys
     assert not any(k.endswith(("/map", "/precision@1")) for k in keys)
 
 
@@ -244,7 +250,7 @@ def test_output_without_logits_warns_and_skips_agreement(loader, probe, tmp_path
         fit(TupleNet(), loader, monitor, tmp_path, max_epochs=1)
     keys = set(monitor.history[-1])
     assert "rsm/pair/semantic/map" in keys
-    assert not any(k.endswith("/agreement") for k in keys)
+    assert not any(k.endswith("/probability_agreement") for k in keys)
 
 
 def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
@@ -258,7 +264,7 @@ def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
     got = {k.replace("/pair/", "/x/"): v for k, v in scores(tuple_monitor.history)[0].items()}
     want = {k.replace("/pool/", "/x/"): v for k, v in scores(plain_monitor.history)[0].items()}
     assert got == want
-    assert "rsm/x/semantic/agreement" in got
+    assert "rsm/x/semantic/probability_agreement" in got
 
 
 def test_logits_fn_returning_no_logits_fails_at_fit_start(loader, probe, tmp_path):
@@ -281,7 +287,7 @@ def test_untouched_restores_modes_and_every_rng():
     model.head.eval()  # a mixed state: the head frozen in eval mode
     modes = [m.training for m in model.modules()]
     seed_all(1)
-    with _untouched(model):
+    with untouched(model):
         model.train()
         assert not torch.is_grad_enabled()
         torch.rand(3), random.random(), np.random.rand()  # noqa: NPY002
@@ -424,7 +430,7 @@ def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data,
             expected = {
                 "map": retrieval_average_precision(rsm, y),
                 "precision@1": retrieval_precision(rsm, y, k=1),
-                "agreement": probability_agreement(rsm, logits),
+                "probability_agreement": probability_agreement(rsm, logits),
             }
             for score, value in expected.items():
                 logged = trainer.callback_metrics[f"rsm/{layer}/{kind}/{score}"]

@@ -63,7 +63,7 @@ def test_scalar_tags_and_one_value_per_epoch(run):
     tags = set(events.Tags()["scalars"])
     for layer in LAYERS:
         for kind in ("semantic", "baseline"):
-            for score in ("map", "precision@1", "agreement"):
+            for score in ("map", "precision@1", "probability_agreement"):
                 assert f"rsm/{layer}/{kind}/{score}" in tags
         assert f"rsm/{layer}/rsa_to_previous" in tags
         assert f"rsm/{layer}/vs_random" in tags
@@ -104,8 +104,8 @@ def test_logged_scores_equal_a_direct_computation(run):
         expected = {
             "semantic/map": retrieval_average_precision(sem, probe_y),
             "baseline/map": retrieval_average_precision(base, probe_y),
-            "semantic/agreement": probability_agreement(sem, logits),
-            "baseline/agreement": probability_agreement(base, logits),
+            "semantic/probability_agreement": probability_agreement(sem, logits),
+            "baseline/probability_agreement": probability_agreement(base, logits),
             "vs_random": compare_rsms(sem, target),
         }
         for key, value in expected.items():

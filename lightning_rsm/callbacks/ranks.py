@@ -1,0 +1,45 @@
+"""Steps that every rank runs and that either work on every rank or are skipped on every rank.
+
+Under DDP a monitoring step that fails on one rank (out of memory, NaN features in one rank's
+forward) must not leave the others waiting in the next collective: after each step the ranks
+exchange whether it worked, and all of them see the same failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def run_on_every_rank(
+    step: Callable[[], T], *, distributed: bool
+) -> tuple[T | None, tuple[int, str] | None]:
+    """Run ``step``; ``(result, None)`` if it worked on every rank, else ``(None, (rank, why))``.
+
+    The failure is the same on every rank: the first failing rank and its error as text. With
+    ``distributed`` every rank of the default process group must call it (it gathers one small
+    object per rank); without, the rank is 0.
+
+    Example:
+        >>> run_on_every_rank(lambda: 1 / 0, distributed=False)
+        (None, (0, 'ZeroDivisionError: division by zero'))
+        >>> run_on_every_rank(lambda: 2, distributed=False)
+        (2, None)
+    """
+    result, message = None, None
+    try:
+        result = step()
+    except Exception as error:  # a fault in monitoring must not stop training
+        message = f"{type(error).__name__}: {error}"
+    messages: list[str | None] = [message]
+    if distributed:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    failed = [rank for rank, text in enumerate(messages) if text is not None]
+    if not failed:
+        return result, None
+    return None, (failed[0], messages[failed[0]])
