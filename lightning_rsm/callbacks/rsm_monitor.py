@@ -263,8 +263,10 @@ class RSMMonitor(Callback):
         captured = self._attempt(trainer, lambda: self._capture(trainer, pl_module, self._inputs))
         if captured is None:
             return
-        features, logits = captured
         distributed = _is_distributed(trainer)
+        if distributed:  # ranks' eval-mode buffers (batch norm) differ: score rank 0's view
+            captured = trainer.strategy.broadcast(captured, src=0)
+        features, logits = captured
         semantic = self._attempt(trainer, lambda: self._semantic_rsms(features, distributed))
         if semantic is None:
             return

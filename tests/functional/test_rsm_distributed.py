@@ -1,12 +1,11 @@
-"""semantic_rsm split across 2 gloo processes equals the single-process RSM exactly."""
-
-import os
+"""semantic_rsm split across 2 gloo processes equals the single-process RSM exactly; without
+``distributed=True`` it runs no collective, so one rank alone can call it."""
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.ddp import run_processes
 
+import lightning_rsm.functional.rsm as rsm_module
 from lightning_rsm.functional import semantic_rsm
 
 CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed"), ("cosine", "auction")]
@@ -16,34 +15,59 @@ def features() -> torch.Tensor:
     return torch.randn(11, 6, 3, 3, generator=torch.Generator().manual_seed(0)).relu()
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        results = [
-            semantic_rsm(features(), kernel=k, matcher=m, window=3, block_size=4, num_workers=1)
-            for k, m in CASES
-        ]
-        if rank == 0:  # rank-zero-only code must opt out of splitting, or it would wait forever
-            results.append(semantic_rsm(features(), distributed=False))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _split(rank: int) -> list[torch.Tensor]:
+    return [
+        semantic_rsm(
+            features(), kernel=k, matcher=m, window=3, block_size=4, num_workers=1, distributed=True
+        )
+        for k, m in CASES
+    ]
 
 
 def test_two_ranks_give_the_single_process_rsm(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     expected = [
         semantic_rsm(features(), kernel=k, matcher=m, window=3, block_size=4, num_workers=1)
         for k, m in CASES
     ]
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        if rank == 0:
-            torch.testing.assert_close(got.pop(), semantic_rsm(features()))
+    for got in run_processes(_split, folder=tmp_path):
         for g, e in zip(got, expected, strict=True):
             assert torch.equal(g, e)
+
+
+def _rank_zero_only(rank: int) -> torch.Tensor | None:
+    """The `if trainer.is_global_zero:` pattern: only rank 0 calls, with the defaults."""
+    return semantic_rsm(features(), num_workers=1) if rank == 0 else None
+
+
+def test_one_rank_alone_gets_its_answer_by_default(tmp_path):
+    got = run_processes(_rank_zero_only, folder=tmp_path, timeout_s=20)
+    torch.testing.assert_close(got[0], semantic_rsm(features()))
+    assert got[1] is None
+
+
+def _fails_on_rank_one(rank: int) -> str:
+    """Rank 1's solver runs out of memory after every input check has passed."""
+    if rank == 1:
+
+        def out_of_memory(*args):
+            raise MemoryError("out of memory in the solver")
+
+        rsm_module._MATCHERS["exact"] = out_of_memory  # the registry is read at call time
+    try:
+        semantic_rsm(features(), block_size=4, num_workers=1, distributed=True)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    messages = run_processes(_fails_on_rank_one, folder=tmp_path, timeout_s=20)
+    assert messages[1].startswith("MemoryError: out of memory in the solver")
+    assert messages[0].startswith("RuntimeError: semantic_rsm failed on rank 1 (MemoryError")
 
 
 def test_distributed_true_needs_a_process_group():
     with pytest.raises(ValueError, match="initialised torch.distributed process group"):
         semantic_rsm(features(), distributed=True)
+    with pytest.raises(TypeError, match="`distributed` to be a bool, but got None"):
+        semantic_rsm(features(), distributed=None)

@@ -1,12 +1,11 @@
-"""Metrics: batch accumulation equals the functional result, DDP equals one process, plots."""
+"""Metrics: the shared metric checks against the functional API, DDP, options and plots."""
 
-import socket
+from functools import partial
 
 import matplotlib
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.metric_tester import check_metric, check_metric_ddp
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_rsm.functional import (
@@ -18,6 +17,7 @@ from lightning_rsm.functional import (
     retrieval_recall,
     semantic_rsm,
 )
+from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
 from lightning_rsm.metrics import ProbabilityAgreement, RSMComparison, SemanticRSM
 
 matplotlib.use("Agg")
@@ -35,43 +35,84 @@ def _data(seed=0):
     return features, labels, multi_hot, logits
 
 
-def _update_in_batches(metric, *tensors, sizes=(5, 4, 3)):
-    start = 0
-    for size in sizes:
-        metric.update(*(t[start : start + size] for t in tensors))
-        start += size
+BATCHES = (slice(0, 5), slice(5, 9), slice(9, N))
 
 
-def test_semantic_rsm_equals_functional():
+def _batches(*tensors):
+    return [tuple(t[part] for t in tensors) for part in BATCHES]
+
+
+def _scores(features, labels=None, logits=None, **options):
+    """The reference of SemanticRSM: the functional RSM and its scores, one by one."""
+    rsm = semantic_rsm(features, kernel=options.get("kernel", "cosine"), max_positions=64)
+    out = {"rsm": rsm}
+    if labels is not None:
+        out["map"] = retrieval_average_precision(rsm, labels, top_k=options.get("top_k"))
+        for k in options.get("ks", (1,)):
+            out[f"precision@{k}"] = retrieval_precision(rsm, labels, k=k)
+            out[f"recall@{k}"] = retrieval_recall(rsm, labels, k=k)
+        if labels.ndim == 2:
+            out["f1@1"] = retrieval_f1_at_1(rsm, labels)
+    if logits is not None:
+        out["probability_agreement"] = probability_agreement(
+            rsm, logits, correlation=options.get("correlation", "pearson")
+        )
+    return out
+
+
+def _comparison(a, b, method="spearman"):
+    return compare_rsms(semantic_rsm(a), semantic_rsm(b), method=method)
+
+
+def _agreement(features, logits, matcher="exact"):
+    return probability_agreement(semantic_rsm(features, matcher=matcher), logits)
+
+
+def test_semantic_rsm_passes_the_metric_checks():
     features, labels, _, logits = _data()
-    metric = SemanticRSM(top_k=5, ks=(1, 3), correlation="spearman")
-    _update_in_batches(metric, features, labels, logits)
-    out = metric.compute()
-    rsm = semantic_rsm(features)
-    torch.testing.assert_close(out["rsm"], rsm)
-    assert set(out) == {"rsm", "map", "precision@1", "recall@1", "precision@3", "recall@3",
-                        "probability_agreement"}  # fmt: skip
-    torch.testing.assert_close(out["map"], retrieval_average_precision(rsm, labels, top_k=5))
-    torch.testing.assert_close(out["precision@3"], retrieval_precision(rsm, labels, k=3))
-    torch.testing.assert_close(out["recall@3"], retrieval_recall(rsm, labels, k=3))
-    torch.testing.assert_close(out["recall@1"], retrieval_recall(rsm, labels, k=1))
-    expected = probability_agreement(rsm, logits, correlation="spearman")
-    torch.testing.assert_close(out["probability_agreement"], expected)
+    options = {"top_k": 2, "ks": (1, 2), "correlation": "spearman"}
+    check_metric(
+        partial(SemanticRSM, **options),
+        _batches(features, labels, logits),
+        partial(_scores, **options),
+    )
 
 
-def test_semantic_rsm_multi_hot_and_pooling():
+def test_semantic_rsm_multi_hot_passes_the_metric_checks():
     features, _, multi_hot, _ = _data(1)
-    features = torch.randn(N, 4, 6, 6, generator=torch.Generator().manual_seed(2))
-    metric = SemanticRSM(kernel="rbf", max_positions=9, empty_target_action="neg")
-    _update_in_batches(metric, features, multi_hot)
-    out = metric.compute()
-    rsm = semantic_rsm(features, kernel="rbf", max_positions=9)
-    torch.testing.assert_close(out["rsm"], rsm)
-    assert set(out) == {"rsm", "map", "precision@1", "recall@1", "f1@1"}
-    expected = retrieval_f1_at_1(rsm, multi_hot, empty_target_action="neg")
-    torch.testing.assert_close(out["f1@1"], expected)
-    # pooling happens on update: only 9 concept vectors per sample are kept
-    assert dim_zero_cat(metric.features).shape == (N, 9, 4)
+    check_metric(partial(SemanticRSM), _batches(features, multi_hot), _scores)
+
+
+def test_rsm_comparison_passes_the_metric_checks():
+    features, *_ = _data(4)
+    check_metric(
+        partial(RSMComparison, method="kendall"),
+        _batches(features, features.square()),
+        partial(_comparison, method="kendall"),
+    )
+    # rotating every map by 180 degrees permutes positions: the semantic RSM cannot tell
+    rotated = RSMComparison(method="pearson")
+    rotated.update(features, features.flip(2, 3))
+    assert rotated.compute().item() == pytest.approx(1.0)
+
+
+def test_probability_agreement_passes_the_metric_checks():
+    features, _, _, logits = _data(5)
+    check_metric(
+        partial(ProbabilityAgreement, matcher="greedy"),
+        _batches(features, logits),
+        partial(_agreement, matcher="greedy"),
+    )
+
+
+def test_pooling_happens_on_update_with_the_shared_default():
+    features = torch.randn(N, 4, 12, 12, generator=torch.Generator().manual_seed(2))
+    metric = SemanticRSM()
+    metric.update(features)
+    assert dim_zero_cat(metric.features).shape == (N, DEFAULT_MAX_POSITIONS, 4)
+    unpooled = SemanticRSM(kernel="rbf", max_positions=None)
+    unpooled.update(features[:4])
+    torch.testing.assert_close(unpooled.compute()["rsm"], semantic_rsm(features[:4], kernel="rbf"))
 
 
 def test_features_only_and_reset():
@@ -95,27 +136,6 @@ def test_flags_and_states():
     for name in ("features", "labels", "logits"):
         assert metric._reductions[name] is dim_zero_cat
         assert metric._defaults[name] == []
-
-
-def test_rsm_comparison_equals_functional():
-    features, *_ = _data(4)
-    other = features.square()
-    metric = RSMComparison(method="kendall")
-    _update_in_batches(metric, features, other)
-    expected = compare_rsms(semantic_rsm(features), semantic_rsm(other), method="kendall")
-    torch.testing.assert_close(metric.compute(), expected)
-    # rotating every map by 180 degrees permutes positions: the semantic RSM cannot tell
-    rotated = RSMComparison(method="pearson")
-    rotated.update(features, features.flip(2, 3))
-    assert rotated.compute().item() == pytest.approx(1.0)
-
-
-def test_probability_agreement_equals_functional():
-    features, _, _, logits = _data(5)
-    metric = ProbabilityAgreement(correlation="pearson", matcher="greedy")
-    _update_in_batches(metric, features, logits)
-    expected = probability_agreement(semantic_rsm(features, matcher="greedy"), logits)
-    torch.testing.assert_close(metric.compute(), expected)
 
 
 def test_plot_sorts_samples_by_label():
@@ -195,57 +215,23 @@ def test_k_larger_than_samples_fails_on_compute():
         metric.compute()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, path):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
-    try:
-        features, _, multi_hot, logits = _data(10)
-        # uneven shards, updated in batches: rank 0 holds samples 0..6, rank 1 samples 7..11
-        shard = slice(0, 7) if rank == 0 else slice(7, N)
-        sizes = (4, 3) if rank == 0 else (2, 3)
-        metrics = {
-            "semantic": SemanticRSM(ks=(2,), correlation="spearman"),
-            "comparison": RSMComparison(method="cka"),
-            "agreement": ProbabilityAgreement(),
-        }
-        _update_in_batches(
-            metrics["semantic"], features[shard], multi_hot[shard], logits[shard], sizes=sizes
-        )
-        _update_in_batches(
-            metrics["comparison"], features[shard], features[shard].exp(), sizes=sizes
-        )
-        _update_in_batches(metrics["agreement"], features[shard], logits[shard], sizes=sizes)
-        results = {name: metric.compute() for name, metric in metrics.items()}
-        torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_equals_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("empty_rank", [None, 1, 0])
+def test_ddp_equals_single_process_also_with_a_rank_that_saw_no_data(tmp_path, empty_rank):
     features, _, multi_hot, logits = _data(10)
-    single = {
-        "semantic": SemanticRSM(ks=(2,), correlation="spearman"),
-        "comparison": RSMComparison(method="cka"),
-        "agreement": ProbabilityAgreement(),
-    }
-    single["semantic"].update(features, multi_hot, logits)
-    single["comparison"].update(features, features.exp())
-    single["agreement"].update(features, logits)
-    expected = {name: metric.compute() for name, metric in single.items()}
-    assert set(expected["semantic"]) == {"rsm", "map", "precision@2", "recall@2", "f1@1",
-                                         "probability_agreement"}  # fmt: skip
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        torch.testing.assert_close(got, expected)
+    shards = [_batches(features, multi_hot, logits)[:2], _batches(features, multi_hot, logits)[2:]]
+    if empty_rank is not None:
+        shards = [shards[0] + shards[1], []] if empty_rank == 1 else [[], shards[0] + shards[1]]
+    options = {"ks": (2,), "correlation": "spearman"}
+    check_metric_ddp(partial(SemanticRSM, **options), shards, partial(_scores, **options), tmp_path)
+
+
+def test_ddp_comparison_and_agreement_with_uneven_shards(tmp_path):
+    features, _, _, logits = _data(11)
+    batches = _batches(features, features.exp())
+    check_metric_ddp(partial(RSMComparison, method="cka"), [batches[:1], batches[1:]],
+                     partial(_comparison, method="cka"), tmp_path / "comparison")  # fmt: skip
+    batches = _batches(features, logits)
+    check_metric_ddp(partial(ProbabilityAgreement), [[], batches], _agreement, tmp_path / "agree")
 
 
 def test_auction_tolerance_reaches_the_rsm():

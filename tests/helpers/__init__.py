@@ -1,0 +1,1 @@
+"""Shared test machinery: the process-group runner and the Metric tester."""

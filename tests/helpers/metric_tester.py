@@ -1,0 +1,75 @@
+"""One tester for every Metric, after torchmetrics' ``MetricTester``.
+
+:func:`check_metric` runs a metric through the checks every metric of the package must pass:
+updates in batches equal one update of everything and equal the functional reference;
+``forward`` returns the batch's own value and still accumulates; a pickled, cloned or
+``state_dict``-restored metric computes the same. :func:`check_metric_ddp` checks that two
+ranks holding shards (some possibly empty) compute what one process computes.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from helpers.ddp import run_processes
+
+Batch = tuple[Tensor, ...]
+
+
+def _cat(batches: Sequence[Batch]) -> Batch:
+    return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+
+
+def _update(metric: Metric, batches: Sequence[Batch]) -> Metric:
+    for batch in batches:
+        metric.update(*batch)
+    return metric
+
+
+def check_metric(
+    make: Callable[[], Metric], batches: Sequence[Batch], reference: Callable[..., Any]
+) -> None:
+    """Every single-process check; ``reference(*tensors)`` is the functional result."""
+    expected = reference(*_cat(batches))
+    torch.testing.assert_close(_update(make(), [_cat(batches)]).compute(), expected)
+    batched = _update(make(), batches)
+    torch.testing.assert_close(batched.compute(), expected)
+
+    forwarded = make()
+    for batch in batches:
+        torch.testing.assert_close(forwarded(*batch), reference(*batch))
+    torch.testing.assert_close(forwarded.compute(), expected)
+
+    torch.testing.assert_close(pickle.loads(pickle.dumps(batched)).compute(), expected)
+    torch.testing.assert_close(batched.clone().compute(), expected)
+    batched.persistent(True)
+    restored = make()
+    restored.persistent(True)
+    restored.load_state_dict(batched.state_dict())
+    torch.testing.assert_close(restored.compute(), expected)
+
+
+def check_metric_ddp(
+    make: Callable[[], Metric],
+    shards: Sequence[Sequence[Batch]],
+    reference: Callable[..., Any],
+    folder: Path,
+) -> None:
+    """Rank r updates with ``shards[r]`` (a list of batches, maybe empty); every rank must
+    compute the reference of all samples in rank order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = run_processes(_compute_shard, make, shards, folder=folder, world_size=len(shards))
+    expected = reference(*_cat([batch for shard in shards for batch in shard]))
+    for result in results:
+        torch.testing.assert_close(result, expected)
+
+
+def _compute_shard(rank: int, make: Callable[[], Metric], shards: Sequence[Sequence[Batch]]):
+    return _update(make(), shards[rank]).compute()
