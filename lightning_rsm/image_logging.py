@@ -187,10 +187,12 @@ def log_images(
         >>> import os, tempfile, torch
         >>> from pytorch_lightning.loggers import CSVLogger
         >>> from lightning_rsm.plotting import heatmap_rgb
-        >>> logger = CSVLogger(tempfile.mkdtemp(), name="run")
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> logger = CSVLogger(folder.name, name="run")
         >>> log_images([logger], {"rsm/conv/semantic/heatmap": heatmap_rgb(torch.eye(4), 0, 1)}, 7)
         >>> os.listdir(os.path.join(logger.log_dir, "rsm"))
         ['rsm__conv__semantic__heatmap_step00000007.png']
+        >>> folder.cleanup()
     """
     checked = _check_images(images, step)
     if not checked or _namespaces.rank_zero_only.rank != 0:
@@ -198,15 +200,15 @@ def log_images(
     warn = _warn_once if warn_once is None else warn_once
     for logger in loggers:
         name = type(logger).__name__
-        adapter = _adapter(logger)
-        if adapter is None:
-            warn(
-                f"`{name}` takes no images and has no `log_dir`: RSM heatmaps are not logged to "
-                "it. Images go to TensorBoard, W&B, MLflow and Comet loggers, and as PNG files "
-                "to any logger with a `log_dir`."
-            )
-            continue
         try:
+            adapter = _adapter(logger)  # reads `log_dir`, which may fail too
+            if adapter is None:
+                warn(
+                    f"`{name}` takes no images and has no `log_dir`: RSM heatmaps are not logged "
+                    "to it. Images go to TensorBoard, W&B, MLflow and Comet loggers, and as PNG "
+                    "files to any logger with a `log_dir`."
+                )
+                continue
             adapter(logger, checked, step)
         except Exception as error:  # a logger's fault must not stop training
             warn(

@@ -135,17 +135,27 @@ def test_failing_loggers_warn_and_the_others_still_get_images(namespace, tmp_pat
         def experiment(self):
             raise RuntimeError("the writer is closed")
 
+    class UnmountedCSV(loggers.CSVLogger):
+        @property
+        def log_dir(self):
+            raise OSError("the share is unmounted")
+
     blocked = loggers.CSVLogger(tmp_path, name="blocked")
     os.makedirs(blocked.log_dir)
     open(os.path.join(blocked.log_dir, "rsm"), "w").close()  # a file where the folder goes
     working = loggers.CSVLogger(tmp_path, name="working")
+    failing = [BrokenTensorBoard(tmp_path), UnmountedCSV(tmp_path), blocked]
     warnings = Warnings()
-    log_images([BrokenTensorBoard(tmp_path), blocked, working], images, STEP, warn_once=warnings)
-    assert len(warnings) == 2
-    assert warnings[0].startswith("`BrokenTensorBoard` failed to take the RSM images")
+    log_images([*failing, working], images, STEP, warn_once=warnings)
+    assert [message.split("`")[1] for message in warnings] == [
+        "BrokenTensorBoard",
+        "UnmountedCSV",
+        "CSVLogger",
+    ]
+    assert all("failed to take the RSM images" in message for message in warnings)
     assert "RuntimeError: the writer is closed" in warnings[0]
-    assert warnings[1].startswith("`CSVLogger` failed to take the RSM images")
-    assert "Error" in warnings[1]
+    assert "OSError: the share is unmounted" in warnings[1]
+    assert "Error: [Errno" in warnings[2]
     assert len(os.listdir(os.path.join(working.log_dir, "rsm"))) == len(images)
 
 
