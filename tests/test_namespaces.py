@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -79,6 +80,13 @@ def test_misconfiguration_exception_caught_by_either_namespace(namespace):
     expected = importlib.import_module(f"{namespace}.utilities.exceptions")
     with pytest.raises(expected.MisconfigurationException, match="bad option"):
         raise _namespaces.MisconfigurationException("bad option")
+
+
+def test_misconfiguration_exception_pickles():
+    """Exceptions cross process boundaries (DDP spawn) by pickle."""
+    error = pickle.loads(pickle.dumps(_namespaces.MisconfigurationException("bad option")))
+    assert type(error) is _namespaces.MisconfigurationException
+    assert str(error) == "bad option"
 
 
 def test_rank_zero_utilities_shared_by_both_namespaces():
