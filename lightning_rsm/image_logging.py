@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_rsm import _namespaces
+from lightning_rsm import namespaces
 
 __all__ = ["image_file_name", "log_images"]
 
@@ -100,7 +100,7 @@ _ADAPTERS: dict[str, Callable[[Any, Images, int], None]] = {
 
 def _adapter(logger: Any) -> Callable[[Any, Images, int], None] | None:
     for name, adapter in _ADAPTERS.items():
-        if _namespaces.is_lightning_class(logger, name):
+        if namespaces.is_lightning_class(logger, name):
             return adapter
     if getattr(logger, "log_dir", None) is not None:
         return _files
@@ -150,7 +150,7 @@ def _check_images(images: Images, step: int) -> dict[str, np.ndarray]:
 def _warn_once(message: str) -> None:
     global _warning_cache
     if _warning_cache is None:
-        _warning_cache = _namespaces.WarningCache()
+        _warning_cache = namespaces.WarningCache()
     _warning_cache.warn(message)
 
 
@@ -195,7 +195,7 @@ def log_images(
         >>> folder.cleanup()
     """
     checked = _check_images(images, step)
-    if not checked or _namespaces.rank_zero_only.rank != 0:
+    if not checked or namespaces.rank_zero_only.rank != 0:
         return
     warn = _warn_once if warn_once is None else warn_once
     for logger in loggers:

@@ -36,8 +36,8 @@ if __name__ == "__main__":
 
     sys.meta_path.insert(0, _Hide(sys.argv[1:]))
 
-from lightning_rsm._namespaces import CALLBACK_BASES, is_fitting  # noqa: E402
 from lightning_rsm.image_logging import log_images  # noqa: E402
+from lightning_rsm.namespaces import CALLBACK_BASES, is_fitting  # noqa: E402
 from lightning_rsm.plotting import heatmap_rgb  # noqa: E402
 
 IMAGE_TAG = "rsm/demo/heatmap"
@@ -124,9 +124,9 @@ def tiny_trainer(namespace: str, root: str, **overrides: Any) -> Any:
 
 
 def _report(root: str) -> dict[str, Any]:
-    from lightning_rsm import _namespaces
+    from lightning_rsm import namespaces
 
-    (namespace,) = _namespaces.importable_namespaces()
+    (namespace,) = namespaces.importable_namespaces()
     loggers = importlib.import_module(f"{namespace}.loggers")
     csv = loggers.CSVLogger(root, name="csv")
     tensorboard = loggers.TensorBoardLogger(root, name="tb")
@@ -135,7 +135,7 @@ def _report(root: str) -> dict[str, Any]:
     trainer = tiny_trainer(namespace, root, logger=[tensorboard, csv], callbacks=[recorder])
     trainer.fit(tiny_module(namespace), loader)
     report: dict[str, Any] = {
-        "namespaces": list(_namespaces.importable_namespaces()),
+        "namespaces": list(namespaces.importable_namespaces()),
         "epochs": recorder.epochs,
         "pngs": sorted(os.listdir(os.path.join(csv.log_dir, "rsm"))),
         "tensorboard_events": any(
@@ -144,7 +144,7 @@ def _report(root: str) -> dict[str, Any]:
         "caught_by_namespace": False,
     }
     try:
-        raise _namespaces.MisconfigurationException("bad option")
+        raise namespaces.MisconfigurationException("bad option")
     except importlib.import_module(f"{namespace}.utilities.exceptions").MisconfigurationException:
         report["caught_by_namespace"] = True
     try:

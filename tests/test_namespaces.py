@@ -16,8 +16,8 @@ import pytorch_lightning as pl
 from namespace_tools import EpochRecorder, tiny_data, tiny_module, tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_rsm import _namespaces
-from lightning_rsm._namespaces import is_fitting, is_lightning_class
+from lightning_rsm import namespaces
+from lightning_rsm.namespaces import is_fitting, is_lightning_class
 
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 
@@ -28,8 +28,8 @@ def loader() -> DataLoader:
 
 
 def test_both_namespaces_importable_and_callback_bases_cover_them():
-    assert _namespaces.importable_namespaces() == ("lightning.pytorch", "pytorch_lightning")
-    bases = _namespaces.CALLBACK_BASES
+    assert namespaces.importable_namespaces() == ("lightning.pytorch", "pytorch_lightning")
+    bases = namespaces.CALLBACK_BASES
     assert bases == (L.Callback, pl.Callback)
     recorder = EpochRecorder()
     assert isinstance(recorder, L.Callback)
@@ -38,7 +38,7 @@ def test_both_namespaces_importable_and_callback_bases_cover_them():
 
 def test_unknown_attribute_raises():
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
-        _namespaces.Nothing  # noqa: B018
+        namespaces.Nothing  # noqa: B018
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -79,22 +79,22 @@ def test_is_fitting_false_outside_fit(namespace, tmp_path, loader):
 def test_misconfiguration_exception_caught_by_either_namespace(namespace):
     expected = importlib.import_module(f"{namespace}.utilities.exceptions")
     with pytest.raises(expected.MisconfigurationException, match="bad option"):
-        raise _namespaces.MisconfigurationException("bad option")
+        raise namespaces.MisconfigurationException("bad option")
 
 
 def test_misconfiguration_exception_pickles():
     """Exceptions cross process boundaries (DDP spawn) by pickle."""
-    error = pickle.loads(pickle.dumps(_namespaces.MisconfigurationException("bad option")))
-    assert type(error) is _namespaces.MisconfigurationException
+    error = pickle.loads(pickle.dumps(namespaces.MisconfigurationException("bad option")))
+    assert type(error) is namespaces.MisconfigurationException
     assert str(error) == "bad option"
 
 
 def test_rank_zero_utilities_shared_by_both_namespaces():
     for name in ("rank_zero_warn", "rank_zero_only", "WarningCache"):
-        found = getattr(_namespaces, name)
+        found = getattr(namespaces, name)
         assert found is getattr(L.utilities.rank_zero, name)
         assert found is getattr(pl.utilities.rank_zero, name)
-    cache = _namespaces.WarningCache()
+    cache = namespaces.WarningCache()
     with pytest.warns(UserWarning, match="only once") as record:
         cache.warn("only once")
         cache.warn("only once")
@@ -117,18 +117,13 @@ def test_is_lightning_class_over_namespaces_and_subclasses(namespace, tmp_path):
     assert not is_lightning_class(TensorBoardLogger(), "TensorBoardLogger")
 
 
-# ---------------------------------------------------------------- RSMMonitor, once wired in
-
-WIRING = (
-    "RSMMonitor still uses pytorch_lightning's classes only; issue 9 wires it to "
-    "lightning_rsm._namespaces and lightning_rsm.image_logging (remove this mark then)"
-)
+# ---------------------------------------------------------------- RSMMonitor in both namespaces
 
 
 @pytest.mark.parametrize(
     "namespace",
     [
-        pytest.param("lightning.pytorch", marks=pytest.mark.xfail(strict=True, reason=WIRING)),
+        "lightning.pytorch",
         "pytorch_lightning",
     ],
 )
@@ -183,9 +178,7 @@ def test_only_one_namespace_runs_callback_and_images(only):
     assert report["caught_by_namespace"]
 
 
-def test_only_one_namespace_runs_rsm_monitor(only, request):
+def test_only_one_namespace_runs_rsm_monitor(only):
     namespace, report = only
-    if namespace == "lightning.pytorch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=WIRING))
     assert report.get("rsm_monitor_error") is None
     assert report["rsm_monitor_evaluations"] == 2

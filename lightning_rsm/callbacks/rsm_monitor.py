@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch.distributed as dist
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -26,12 +22,17 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
 )
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
+from lightning_rsm.image_logging import log_images
+from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting, rank_zero_warn
 from lightning_rsm.plotting import default_colour_range, rsm_images
+
+if TYPE_CHECKING:  # annotations only: the class serves lightning.pytorch too
+    import pytorch_lightning as pl
 
 Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
 
 
-class RSMMonitor(Callback):
+class RSMMonitor(*CALLBACK_BASES):
     r"""Monitor semantic RSMs of chosen layers on a fixed probe set during training.
 
     On each evaluation (every ``every_n_epochs`` epochs: after the epoch's validation, or after
@@ -84,7 +85,7 @@ class RSMMonitor(Callback):
         targets: reference RSMs ``(N, N)`` over the same probe, by name.
         method: how RSMs are compared (drift, layer x layer, targets): ``"cka"``,
             ``"kendall"``, ``"pearson"`` or ``"spearman"``.
-        log_images: write heatmaps to TensorBoard loggers.
+        log_images: send heatmaps to the Trainer's loggers.
         heatmap_range: fixed ``(vmin, vmax)`` of the heatmaps; by default
             :func:`~lightning_rsm.plotting.default_colour_range` of the first evaluation.
 
@@ -370,10 +371,7 @@ class RSMMonitor(Callback):
     def _log_images(self, trainer: pl.Trainer, rsms: Rsms) -> None:
         ranges = {layer: self._colour_range(layer, kinds) for layer, kinds in rsms.items()}
         images = rsm_images(rsms, self._labels, ranges, self.layer_rsa)
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        for writer in writers:
-            for tag, image in images.items():
-                writer.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
+        log_images(trainer.loggers, images, trainer.global_step, warn_once=self._warnings.warn)
 
     def _colour_range(self, layer: str, kinds: Mapping[str, Tensor]) -> tuple[float, float]:
         """``heatmap_range``, or the layer's range fixed at its first evaluation."""
@@ -388,7 +386,7 @@ def _validation_ends_the_epoch(trainer: pl.Trainer) -> bool:
     """A validation run at the end of a training epoch of ``fit`` (not the sanity check)."""
     return (
         not trainer.sanity_checking
-        and trainer.state.fn == "fit"
+        and is_fitting(trainer)
         and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
     )
 

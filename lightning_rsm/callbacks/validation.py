@@ -11,7 +11,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,6 +21,7 @@ from lightning_rsm.functional.options import (
     check_positive_int,
     check_rsm_options,
 )
+from lightning_rsm.namespaces import MisconfigurationException
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_rsm import _namespaces
+from lightning_rsm import namespaces
 from lightning_rsm.image_logging import image_file_name, log_images
 from lightning_rsm.plotting import heatmap_rgb
 
@@ -193,7 +193,7 @@ def test_logger_without_images_or_log_dir_is_skipped_with_a_warning(namespace, i
 def test_other_ranks_write_nothing(tmp_path, monkeypatch, images):
     from pytorch_lightning.loggers import CSVLogger
 
-    monkeypatch.setattr(_namespaces.rank_zero_only, "rank", 1)
+    monkeypatch.setattr(namespaces.rank_zero_only, "rank", 1)
     logger = CSVLogger(tmp_path, name="csv")
     log_images([logger], images, STEP)
     assert not os.path.exists(os.path.join(logger.log_dir, "rsm"))
