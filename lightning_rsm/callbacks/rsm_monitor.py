@@ -268,7 +268,10 @@ class RSMMonitor(*CALLBACK_BASES):
         if distributed:  # ranks' eval-mode buffers (batch norm) differ: score rank 0's view
             captured = trainer.strategy.broadcast(captured, src=0)
         features, logits = captured
-        semantic = self._attempt(trainer, lambda: self._semantic_rsms(features, distributed))
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        semantic = self._attempt(
+            trainer, lambda: self._semantic_rsms(features, distributed, progress)
+        )
         if semantic is None:
             return
         scored = self._attempt(trainer, lambda: self._score(features, semantic, logits))
@@ -305,7 +308,10 @@ class RSMMonitor(*CALLBACK_BASES):
             forward_context=trainer.precision_plugin.forward_context,
         )
 
-    def _semantic_rsms(self, features: Mapping[str, Tensor], distributed: bool) -> dict:
+    def _semantic_rsms(
+        self, features: Mapping[str, Tensor], distributed: bool, progress: bool
+    ) -> dict[str, Tensor]:
+        """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``."""
         return {
             layer: semantic_rsm(
                 concepts,
@@ -315,6 +321,7 @@ class RSMMonitor(*CALLBACK_BASES):
                 window=self.window,
                 tol=self.tol,
                 distributed=distributed,
+                progress=progress and f"RSMMonitor {layer}",
             )
             for layer, concepts in features.items()
         }

@@ -196,11 +196,12 @@ def _run_blocks(
     blocks: list[list[Segment]],
     work: Callable[[list[Segment]], tuple[list[Segment], Tensor, Tensor]],
     num_workers: int,
-    progress: bool,
+    progress: bool | str,
 ) -> Iterator[tuple[list[Segment], Tensor, Tensor]]:
     """Yield solved blocks, at most ``2 * num_workers`` in flight; Ctrl-C cancels the rest."""
     total = sum(j1 - j0 for block in blocks for _, j0, j1 in block)
-    bar = tqdm(total=total, disable=not progress, unit="pair", desc="semantic RSM")
+    label = progress if isinstance(progress, str) else "semantic RSM"
+    bar = tqdm(total=total, disable=not progress, unit="pair", desc=label, leave=False)
     # The small per-block matmuls run fastest on one thread each; the workers use the cores.
     with bar, _intra_op_threads(1):
         if num_workers == 1:
@@ -243,7 +244,7 @@ def _assignment_bounds(
     options: dict,
     block_size: int | None,
     num_workers: int | None,
-    progress: bool,
+    progress: bool | str,
     distributed: bool,
     sq_x: Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -270,7 +271,9 @@ def _assignment_bounds(
     upper = torch.zeros_like(lower)
     error = None
     try:
-        for block, value, bound in _run_blocks(blocks, work, num_workers, progress and rank == 0):
+        for block, value, bound in _run_blocks(
+            blocks, work, num_workers, progress if rank == 0 else False
+        ):
             start = 0
             for i, j0, j1 in block:
                 lower[i, j0:j1] = value[start : start + j1 - j0]
@@ -358,7 +361,7 @@ def semantic_rsm(
     max_positions: int | None = None,
     block_size: int | None = None,
     num_workers: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     return_gap: bool = False,
     distributed: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -388,7 +391,8 @@ def semantic_rsm(
             for the scipy matchers, 8M scores for the auction and greedy; on CUDA the
             auction's and greedy's blocks fill half the free memory).
         num_workers: solver threads (default: all cores; 1 for the auction and greedy on CUDA).
-        progress: show a tqdm progress bar. Ctrl-C stops the computation between blocks.
+        progress: show a tqdm progress bar of the pairs solved (on rank 0), labelled with
+            ``progress`` when it is a str. Ctrl-C stops the computation between blocks.
         return_gap: also return, per entry, a certified bound on the distance from the exact
             kernel value (0 for ``matcher="exact"``); ``gap.max()`` is the run's largest.
         distributed: ``True`` splits the blocks across the ranks of the initialised

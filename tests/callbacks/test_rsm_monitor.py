@@ -426,3 +426,14 @@ def test_rsm_options_reach_the_rsm(probe, loader, tmp_path, options):
     for kind, rsm in (("semantic", sem), ("baseline", base)):
         expected = float(retrieval_average_precision(rsm, probe_y))
         assert last[f"rsm/conv/{kind}/map"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_progress_of_pairs_per_layer_follows_the_trainer_progress_bar(loader, probe, tmp_path,
+                                                                       capfd, bar):  # fmt: skip
+    fit(TinyNet(), loader, RSMMonitor(probe, ["conv"]), tmp_path, max_epochs=1,
+        enable_progress_bar=bar)  # fmt: skip
+    err = capfd.readouterr().err
+    assert ("RSMMonitor conv" in err) == bar
+    if bar:
+        assert "/66 " in err  # 12 probe samples: 66 pairs i < j
