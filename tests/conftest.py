@@ -2,43 +2,59 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class TinyNet(pl.LightningModule):
-    """conv + batch norm (4 x 8 x 8) -> pool (4 x 4 x 4) -> dropout -> linear head, 3 logits."""
+def _tiny_net_classes(namespace: str) -> tuple[type, type]:
+    """TinyNet and TinyNetWithVal as LightningModules of ``namespace``."""
+    base = importlib.import_module(namespace).LightningModule
 
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.pool = nn.MaxPool2d(2)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(4 * 4 * 4, 3)
+    class TinyNet(base):
+        """conv + batch norm (4 x 8 x 8) -> pool (4 x 4 x 4) -> dropout -> linear head, 3 logits."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.drop(self.pool(self.conv(x)).flatten(1)))
+        def __init__(self, dropout: float = 0.0) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.pool = nn.MaxPool2d(2)
+            self.drop = nn.Dropout(dropout)
+            self.head = nn.Linear(4 * 4 * 4, 3)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.drop(self.pool(self.conv(x)).flatten(1)))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class TinyNetWithVal(TinyNet):
+        def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("val_loss", loss)
+            return loss
+
+    # module-level names, so that ddp_spawn can pickle the models
+    suffix = "" if namespace == "pytorch_lightning" else "_" + namespace.replace(".", "_")
+    for cls in (TinyNet, TinyNetWithVal):
+        cls.__name__ = cls.__qualname__ = cls.__name__ + suffix
+        globals()[cls.__name__] = cls
+    return TinyNet, TinyNetWithVal
 
 
-class TinyNetWithVal(TinyNet):
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("val_loss", loss)
-        return loss
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+TINY_NETS = {namespace: _tiny_net_classes(namespace) for namespace in NAMESPACES}
+TinyNet, TinyNetWithVal = TINY_NETS["pytorch_lightning"]
 
 
 def make_data(n: int = 48, seed: int = 0) -> tuple[Tensor, Tensor]:
