@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,9 +26,12 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _one_line(error: BaseException) -> str:
-    """The first line of an error message, without terminal colour codes."""
+    """The first sentence of an error message's first line, without terminal colour codes."""
     text = _ANSI_ESCAPE.sub("", str(error)).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0].strip()
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 class _CliError(Exception):
@@ -52,7 +56,9 @@ def _load_features(path: Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor
     if not path.is_file():
         raise _CliError(f"Expected FEATURES to be a file, but got {str(path)!r} (not found).")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about foreign pickles
+            warnings.simplefilter("ignore")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise _CliError(
             f"Expected {str(path)!r} to be a file written by torch.save holding tensors, "

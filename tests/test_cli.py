@@ -10,7 +10,7 @@ import torch
 from conftest import make_data
 from PIL import Image
 
-from lightning_rsm.cli import main
+from lightning_rsm.cli import build_parser, main
 from lightning_rsm.functional import (
     probability_agreement,
     retrieval_average_precision,
@@ -135,3 +135,53 @@ def test_python_dash_m_runs_the_cli():
     )
     assert result.returncode == 0, result.stderr
     assert "lightning-rsm compute" in result.stdout
+
+
+def _numpy_file(path):
+    import numpy as np
+
+    np.save(path, np.zeros((4, 3, 2, 2)))
+
+
+def _pickle_file(path):
+    import pickle
+
+    import numpy as np
+
+    path.write_bytes(pickle.dumps(np.zeros(3), protocol=4))
+
+
+@pytest.mark.parametrize("write", [_numpy_file, _pickle_file])
+def test_a_foreign_file_is_one_clean_line(write, tmp_path):
+    path = tmp_path / "features.npy"
+    write(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_rsm", "compute", str(path), "-o", str(tmp_path / "o.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "\x1b" not in result.stderr
+    assert result.stderr.startswith("lightning-rsm compute: error: Expected")
+    assert "(UnpicklingError: Weights only load failed)" in result.stderr
+
+
+def test_defaults_are_the_callback_defaults_and_shown_by_help(capsys):
+    from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
+
+    args = build_parser().parse_args(["compute", "f.pt", "-o", "o.pt"])
+    assert args.max_positions == DEFAULT_MAX_POSITIONS == 64
+    assert args.progress is None  # a bar exactly when stderr is a terminal
+    assert build_parser().parse_args(["compute", "f.pt", "-o", "o", "--max-positions", "none"]
+                                     ).max_positions is None  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["compute", "--help"])
+    assert "(default: 64)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("flag", ["--progress", "--no-progress"])
+def test_progress_bar_on_request(saved, tmp_path, capsys, flag):
+    assert main(["compute", str(saved[0]), "-o", str(tmp_path / "r.pt"), flag]) == 0
+    assert ("semantic RSM" in capsys.readouterr().err) == (flag == "--progress")
