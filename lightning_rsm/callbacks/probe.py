@@ -226,7 +226,12 @@ def concat_batches(parts: Sequence[Any]) -> Any:
 
 
 def move_batch(inputs: Any, device: torch.device) -> Any:
-    """Every tensor in ``inputs`` on ``device`` (detached)."""
+    """Every tensor in ``inputs`` on ``device`` (detached).
+
+    Example:
+        >>> move_batch({"x": torch.ones(2, requires_grad=True)}, torch.device("cpu"))
+        {'x': tensor([1., 1.])}
+    """
     return _map(inputs, lambda x: x.detach().to(device))
 
 
@@ -375,6 +380,12 @@ def eager() -> AbstractContextManager:
     The probe forward runs in it, so forward hooks run as plain Python and the training graph
     is neither traced with them nor recompiled (``torch.compiler.set_stance("force_eager")``;
     a no-op on torch versions without it).
+
+    Example:
+        >>> compiled = torch.compile(torch.nn.Linear(2, 2))
+        >>> with eager():
+        ...     compiled(torch.zeros(1, 2)).shape             # runs without compiling
+        torch.Size([1, 2])
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else nullcontext()

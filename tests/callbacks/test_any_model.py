@@ -312,52 +312,53 @@ KEY = "rsm/conv/semantic/map"
 
 
 @pytest.mark.parametrize(
-    ("monitor_options", "reader", "with_val", "match"),
+    ("monitor_options", "reader", "val_check_interval", "match"),
     [
         (
             {"every_n_epochs": 2},
             lambda: ModelCheckpoint(monitor=KEY, mode="max"),
-            True,
+            1.0,
             r"reads every 1 epoch\(s\) .* pass `ModelCheckpoint\(every_n_epochs=2\)`",
         ),
         (
             {"every_n_epochs": 2},
             lambda: EarlyStopping(KEY, mode="max"),
-            True,
+            1.0,
             r"`EarlyStopping\(monitor=.*`RSMMonitor\(every_n_epochs=1\)`",
         ),
         (
             {"every_n_train_steps": 2},
             lambda: EarlyStopping(KEY, mode="max"),
-            False,
+            None,
             r"reads at epoch ends .* pass `RSMMonitor\(every_n_epochs=1\)`",
         ),
         (
             {"every_n_train_steps": 2},
             lambda: ModelCheckpoint(monitor=KEY, mode="max", every_n_train_steps=3),
-            False,
+            None,
             r"reads every 3 steps .* pass `ModelCheckpoint\(every_n_train_steps=2\)`",
         ),
         (
             {},
             lambda: ModelCheckpoint(monitor=KEY, mode="max", every_n_train_steps=3),
-            False,
+            None,
             r"pass `RSMMonitor\(every_n_train_steps=3\)`",
         ),
         (
             {},
             lambda: EarlyStopping(KEY, mode="max"),
-            True,
+            0.5,
             r"after validation runs that do not end an epoch .*check_on_train_epoch_end=True",
         ),
     ],
 )
 def test_a_reader_at_another_interval_fails_before_training(
-    data, probe, tmp_path, monitor_options, reader, with_val, match
+    data, probe, tmp_path, monitor_options, reader, val_check_interval, match
 ):
+    """``val_check_interval`` None: no validation."""
     monitor = RSMMonitor(probe, ["conv"], **monitor_options)
     loader = DataLoader(TensorDataset(*data), batch_size=16)
-    mid_epoch = "EarlyStopping" in str(reader()) and not monitor_options
+    with_val = val_check_interval is not None
     with pytest.raises(MisconfigurationException, match=match) as error:
         fit(
             TinyNetWithVal() if with_val else TinyNet(),
@@ -367,7 +368,7 @@ def test_a_reader_at_another_interval_fails_before_training(
             val=loader if with_val else None,
             callbacks=[reader()],
             enable_checkpointing=True,
-            val_check_interval=0.5 if mid_epoch else 1.0,
+            val_check_interval=val_check_interval if with_val else 1.0,
         )
     assert "\n" not in str(error.value)
     assert monitor.history == []
