@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_rsm.functional import to_concepts
 from lightning_rsm.functional.options import check_labels
+from lightning_rsm.functional.representations import TokenGrid, describe_token_pooling
 
-Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor]
+Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor] | Mapping[str, Any]
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -39,49 +40,243 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
-def split_batch(batch: Any, where: str) -> tuple[Tensor, Tensor | None]:
-    """``(inputs, labels)`` from a tensor, or a tuple/list of one or two tensors.
+#: Picks a part of a batch: a key of a dict batch, an index of a tuple batch, or a function.
+Picker = str | int | Callable[[Any], Any]
 
-    Raises:
-        TypeError: If ``batch`` is anything else; ``where`` names it in the message.
+#: Runs the model on a probe batch's inputs: ``forward_fn(model, inputs) -> output``.
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def describe(batch: Any) -> str:
+    """A one-line description of a batch's structure, for error messages.
+
+    Example:
+        >>> describe({"pixel_values": torch.zeros(2, 3), "labels": torch.zeros(2)})
+        "a dict with keys ['pixel_values', 'labels']"
+        >>> describe((torch.zeros(2), torch.zeros(2), "meta"))
+        'a tuple of length 3 (Tensor, Tensor, str)'
     """
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {list(batch)}"
+    if isinstance(batch, (tuple, list)):
+        items = ", ".join(type(item).__name__ for item in batch[:6])
+        more = ", ..." if len(batch) > 6 else ""
+        return f"a {type(batch).__name__} of length {len(batch)} ({items}{more})"
     if isinstance(batch, Tensor):
-        return batch, None
+        return f"a tensor of shape {tuple(batch.shape)}"
+    return f"a {type(batch).__name__}"
+
+
+def _pick(batch: Any, picker: Picker, option: str) -> Any:
+    """The part of ``batch`` that ``picker`` names; ``option`` names the picker in errors."""
+    if callable(picker):
+        return picker(batch)
+    if isinstance(batch, Mapping) and isinstance(picker, str) and picker in batch:
+        return batch[picker]
     if (
         isinstance(batch, (tuple, list))
-        and len(batch) in (1, 2)
-        and all(isinstance(item, Tensor) for item in batch)
+        and isinstance(picker, int)
+        and not isinstance(picker, bool)
+        and -len(batch) <= picker < len(batch)
     ):
-        return batch[0], (batch[1] if len(batch) == 2 else None)
-    kind = type(batch).__name__
-    if isinstance(batch, (tuple, list)):
-        kind = f"a {kind} of length {len(batch)}"
+        return batch[picker]
     raise TypeError(
-        f"Expected {where} to be a tensor or a tuple (inputs, labels) of tensors, but got {kind}."
+        f"Expected `{option}={picker!r}` to be a key or an index of each probe batch, "
+        f"but got {describe(batch)}."
     )
 
 
-def check_probe_tensors(inputs: Tensor, labels: Tensor | None) -> None:
+def split_batch(
+    batch: Any,
+    where: str,
+    input_fn: Picker | None = None,
+    label_fn: Picker | None = None,
+) -> tuple[Any, Tensor | None]:
+    """``(inputs, labels)`` of one batch: by default from a tensor or a tuple of one or two.
+
+    Args:
+        batch: what a probe loader yields (or the whole probe as one batch).
+        where: how messages name ``batch``.
+        input_fn: a key (dict batches), an index (tuple batches) or a function of the batch
+            that gives the model's inputs: a tensor ``(B, ...)`` or a dict/tuple of such
+            tensors. Default: the batch if it is a tensor, else the first of one or two tensors.
+        label_fn: the same for the labels ``(B,)`` or ``(B, L)``; default: the second tensor of
+            an ``(inputs, labels)`` pair, else none.
+
+    Raises:
+        TypeError: If the batch has another structure than the pickers expect; the message
+            names the structure and the option that fixes it.
+
+    Example:
+        >>> batch = {"pixel_values": torch.zeros(2, 3), "labels": torch.tensor([0, 1])}
+        >>> inputs, labels = split_batch(batch, "a batch", "pixel_values", "labels")
+        >>> inputs.shape, labels.tolist()
+        (torch.Size([2, 3]), [0, 1])
+    """
+    pair = (
+        isinstance(batch, (tuple, list))
+        and len(batch) in (1, 2)
+        and all(isinstance(item, Tensor) for item in batch)
+    )
+    if input_fn is None:
+        if isinstance(batch, Tensor):
+            inputs = batch
+        elif pair:
+            inputs = batch[0]
+        else:
+            raise TypeError(
+                f"Expected {where} to be a tensor or a tuple (inputs, labels) of tensors, but "
+                f"got {describe(batch)}; pass `input_fn` and `label_fn` (a key, an index or a "
+                "function of the batch) to pick the inputs and the labels."
+            )
+    else:
+        inputs = _pick(batch, input_fn, "input_fn")
+    if label_fn is None:
+        labels = batch[1] if pair and len(batch) == 2 else None
+    else:
+        labels = _pick(batch, label_fn, "label_fn")
+    _check_inputs(inputs, batch)
+    if labels is not None and not isinstance(labels, Tensor):
+        raise TypeError(
+            f"Expected `label_fn` to give a tensor of labels, but got {type(labels).__name__} "
+            f"from {describe(batch)}."
+        )
+    return inputs, labels
+
+
+def _check_inputs(inputs: Any, batch: Any) -> None:
+    leaves = _leaves(inputs)
+    if not leaves or not all(isinstance(leaf, Tensor) and leaf.ndim >= 1 for leaf in leaves):
+        raise TypeError(
+            "Expected the probe inputs to be a tensor (B, ...) or a dict/tuple of such tensors, "
+            f"but got {describe(inputs)} from {describe(batch)}; pass `input_fn` to pick them."
+        )
+    sizes = {leaf.shape[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            "Expected the probe input tensors to share their size along dim 0, but got "
+            f"sizes {sorted(sizes)} in {describe(inputs)}."
+        )
+
+
+# ------------------------------------------------------------------ batch-first trees
+# Inputs are a tensor (B, ...) or a dict/tuple/list of such tensors (keyword or positional
+# arguments of a model); these helpers treat every tensor in them alike along dim 0.
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, Mapping):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
+
+
+def _map(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(tree, Mapping):
+        return {key: _map(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map(value, fn) for value in tree)
+    return fn(tree)
+
+
+def batch_length(inputs: Any) -> int:
+    """Samples in ``inputs``: the size along dim 0 of its (first) tensor.
+
+    Example:
+        >>> batch_length({"input_ids": torch.zeros(3, 7), "mask": torch.ones(3, 7)})
+        3
+    """
+    return int(_leaves(inputs)[0].shape[0])
+
+
+def slice_batch(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every tensor in ``inputs``.
+
+    Example:
+        >>> slice_batch((torch.arange(4), torch.arange(4) * 2), 1, 3)
+        (tensor([1, 2]), tensor([2, 4]))
+    """
+    return _map(inputs, lambda x: x[start:stop])
+
+
+def index_batch(inputs: Any, index: Tensor) -> Any:
+    """Samples ``index`` (a 1-D long tensor) of every tensor in ``inputs``.
+
+    Example:
+        >>> index_batch({"x": torch.arange(4)}, torch.tensor([3, 0]))
+        {'x': tensor([3, 0])}
+    """
+    return _map(inputs, lambda x: x[index.to(x.device)])
+
+
+def concat_batches(parts: Sequence[Any]) -> Any:
+    """One tree from batches of the same structure, concatenated along dim 0.
+
+    Example:
+        >>> concat_batches([{"x": torch.zeros(2)}, {"x": torch.ones(1)}])
+        {'x': tensor([0., 0., 1.])}
+    """
+    first = parts[0]
+    if isinstance(first, Mapping):
+        return {key: concat_batches([part[key] for part in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches([part[i] for part in parts]) for i in range(len(first)))
+    return torch.cat(list(parts))
+
+
+def move_batch(inputs: Any, device: torch.device) -> Any:
+    """Every tensor in ``inputs`` on ``device`` (detached).
+
+    Example:
+        >>> move_batch({"x": torch.ones(2, requires_grad=True)}, torch.device("cpu"))
+        {'x': tensor([1., 1.])}
+    """
+    return _map(inputs, lambda x: x.detach().to(device))
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """The default ``forward_fn``: ``model(**inputs)`` for a dict, else ``model(inputs)``.
+
+    Example:
+        >>> call_model(torch.nn.Identity(), torch.ones(1))
+        tensor([1.])
+    """
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def check_probe_tensors(inputs: Any, labels: Tensor | None) -> None:
     """Raise unless there are at least 2 inputs and labels are class ids or multi-hot rows."""
-    if inputs.ndim < 1 or inputs.shape[0] < 2:
+    n = batch_length(inputs)
+    if n < 2:
+        shapes = [tuple(leaf.shape) for leaf in _leaves(inputs)]
         raise ValueError(
             "Expected the probe inputs to hold at least 2 samples along dim 0, "
-            f"but got shape {tuple(inputs.shape)}."
+            f"but got shape {shapes[0] if len(shapes) == 1 else shapes}."
         )
     if labels is not None:
-        check_labels(labels, inputs.shape[0], "the {n} probe inputs")
+        check_labels(labels, n, "the {n} probe inputs")
 
 
-def read_probe(probe: Probe, batch_size: int) -> tuple[Tensor, Tensor | None]:
+def read_probe(
+    probe: Probe,
+    batch_size: int,
+    input_fn: Picker | None = None,
+    label_fn: Picker | None = None,
+) -> tuple[Any, Tensor | None]:
     """Read a whole probe into memory: inputs ``(N, ...)`` and labels ``(N,)``/``(N, L)`` or None.
 
     Args:
-        probe: a ``DataLoader`` or ``Dataset`` yielding tensors or ``(inputs, labels)`` tuples,
-            or a tuple ``(inputs,)`` / ``(inputs, labels)`` of tensors.
+        probe: a ``DataLoader`` or ``Dataset`` yielding batches, or the whole probe as one batch
+            (a tuple ``(inputs,)`` / ``(inputs, labels)`` of tensors, or a dict).
         batch_size: batch size used to read a ``Dataset``.
+        input_fn: picks the model's inputs from a batch (see :func:`split_batch`).
+        label_fn: picks the labels from a batch (see :func:`split_batch`).
 
     Returns:
-        detached inputs and labels (labels on the CPU).
+        detached inputs (a tensor, or a dict/tuple of tensors) and labels (on the CPU).
 
     Raises:
         TypeError: If a batch has another structure, or labels have a float dtype.
@@ -92,22 +287,22 @@ def read_probe(probe: Probe, batch_size: int) -> tuple[Tensor, Tensor | None]:
         >>> inputs.shape, labels.tolist()
         (torch.Size([4, 3]), [0, 1, 0, 1])
     """
-    if isinstance(probe, (tuple, list)):
-        inputs, labels = split_batch(probe, "`probe`")
+    if isinstance(probe, (tuple, list, Mapping)):
+        inputs, labels = split_batch(probe, "`probe`", input_fn, label_fn)
     else:
         loader = probe
         if not isinstance(loader, DataLoader):
             loader = DataLoader(loader, batch_size=batch_size, shuffle=False)
-        parts = [split_batch(batch, "each probe batch") for batch in loader]
+        parts = [split_batch(batch, "each probe batch", input_fn, label_fn) for batch in loader]
         if not parts:
             raise ValueError("Expected the probe to hold at least 2 samples, but it is empty.")
-        inputs = torch.cat([x for x, _ in parts])
+        inputs = concat_batches([x for x, _ in parts])
         has_labels = {y is not None for _, y in parts}
         if len(has_labels) != 1:
             raise ValueError("Expected every probe batch to have labels, or none to have them.")
         labels = torch.cat([y for _, y in parts]) if has_labels == {True} else None
     check_probe_tensors(inputs, labels)
-    return inputs.detach(), None if labels is None else labels.detach().cpu()
+    return _map(inputs, Tensor.detach), None if labels is None else labels.detach().cpu()
 
 
 @contextmanager
@@ -139,15 +334,35 @@ def untouched(model: nn.Module) -> Iterator[None]:
         np.random.set_state(numpy_state)  # noqa: NPY002
 
 
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules by name; inside ``torch.compile``'d modules also without ``_orig_mod.``.
+
+    ``torch.compile(net)`` wraps ``net`` in an ``OptimizedModule`` whose modules are named
+    ``_orig_mod.<name>``; a layer is also found by the name it has in ``net`` itself.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> model = torch.nn.ModuleDict({"net": torch.compile(net)})
+        >>> named_layers(model)["net.0"] is named_layers(model)["net._orig_mod.0"] is net[0]
+        True
+    """
+    modules = {}
+    for name, module in model.named_modules():
+        short = ".".join(part for part in name.split(".") if part != "_orig_mod")
+        modules.setdefault(short, module)
+        modules.setdefault(name, module)
+    return modules
+
+
 def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
     """Raise ``ValueError`` listing the model's module names if a layer is not one of them."""
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     unknown = [layer for layer in layers if layer not in modules]
     if unknown:
         raise ValueError(
             f"Expected `layers` to be names from `model.named_modules()` of "
             f"{type(model).__name__}, but got {unknown}; the names are "
-            f"{[name for name in modules if name]}."
+            f"{[name for name in modules if name and '_orig_mod' not in name.split('.')]}."
         )
 
 
@@ -159,32 +374,62 @@ def _as_logits(output: Any, logits_fn: Callable[[Any], Tensor] | None, n: int) -
     return logits.detach().float().cpu() if logits.shape[1] >= 2 else None
 
 
+def eager() -> AbstractContextManager:
+    """A context in which ``torch.compile``'d code runs eagerly, without compiling anything.
+
+    The probe forward runs in it, so forward hooks run as plain Python and the training graph
+    is neither traced with them nor recompiled (``torch.compiler.set_stance("force_eager")``;
+    a no-op on torch versions without it).
+
+    Example:
+        >>> compiled = torch.compile(torch.nn.Linear(2, 2))
+        >>> with eager():
+        ...     compiled(torch.zeros(1, 2)).shape             # runs without compiling
+        torch.Size([1, 2])
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
+
+
 def capture_layers(
     model: nn.Module,
     layers: Sequence[str],
-    inputs: Tensor,
+    inputs: Any,
     *,
     batch_size: int,
     max_positions: int | None,
     logits_fn: Callable[[Any], Tensor] | None = None,
     want_logits: bool = True,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    forward_fn: ForwardFn | None = None,
+    special_tokens: int = 0,
+    tokens: str = "all",
+    token_grid: TokenGrid = None,
+    warn: Callable[[str], Any] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Run ``inputs`` through ``model`` in eval mode and capture the outputs of ``layers``.
 
     Each batch's layer outputs are pooled to ``max_positions`` as they are captured, so a large
-    map is never held for the whole probe. Call it inside :func:`untouched` to leave the model
-    as it was.
+    map is never held for the whole probe. The forward runs eagerly, also for a model that
+    ``torch.compile`` wrapped (see :func:`eager`). Call it inside :func:`untouched` to leave
+    the model as it was.
 
     Args:
-        model: the network (its modules named as in ``model.named_modules()``).
+        model: the network (its modules named as in ``model.named_modules()``, or as in
+            :func:`named_layers`).
         layers: module names; tuple outputs are reduced to their first tensor.
-        inputs: probe inputs ``(N, ...)``; moved batch by batch to the model's device.
+        inputs: probe inputs: a tensor ``(N, ...)`` or a dict/tuple of such tensors; moved
+            batch by batch to the model's device.
         batch_size: samples per forward pass.
         max_positions: cap on the positions per sample (see ``to_concepts``).
         logits_fn: maps the forward output to logits ``(B, K)``; default its first tensor.
         want_logits: collect logits at all.
         forward_context: a context around each forward call (e.g. a precision plugin's).
+        forward_fn: ``forward_fn(model, batch)`` runs the model; default :func:`call_model`.
+        special_tokens: leading special tokens of ``(N, T, D)`` layers (see ``to_concepts``).
+        tokens: ``"all"``, ``"patches"`` or ``"special"`` (see ``to_concepts``).
+        token_grid: how patch tokens are pooled (see ``to_concepts``).
+        warn: called with a sentence on each token layer that is pooled (once per batch).
 
     Returns:
         concept vectors ``(N, S, C)`` per layer, and logits ``(N, K)`` or None when the output
@@ -194,6 +439,8 @@ def capture_layers(
         TypeError: If a layer's output holds no tensor.
         ValueError: If a layer's output is not a representation or has NaN/Inf, or a layer
             does not run exactly once per forward pass with the batch on dim 0.
+        RuntimeError: If the forward itself fails; the message says how the model was called
+            and which option changes that.
 
     Example:
         >>> from torch import nn
@@ -203,40 +450,76 @@ def capture_layers(
         >>> features["0"].shape, logits.shape
         (torch.Size([5, 4, 2]), torch.Size([5, 3]))
     """
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     captured: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+    options = {"special_tokens": special_tokens, "tokens": tokens, "token_grid": token_grid}
+    hook_errors: list[BaseException] = []
 
     def hook(layer: str) -> Callable[..., None]:
         def capture(module: nn.Module, args: Any, output: Any) -> None:
-            x = first_tensor(output)
-            if x is None:
-                raise TypeError(
-                    f"Expected layer {layer!r} to output a tensor or a tuple holding one, "
-                    f"but got {type(output).__name__}."
-                )
-            captured[layer].append(to_concepts(x.detach().float(), max_positions=max_positions,
-                                               name=layer))  # fmt: skip
+            try:
+                x = first_tensor(output)
+                if x is None:
+                    raise TypeError(
+                        f"Expected layer {layer!r} to output a tensor or a tuple holding one, "
+                        f"but got {type(output).__name__}."
+                    )
+                if warn is not None and x.ndim == 3:
+                    pooling = describe_token_pooling(x.shape[1], max_positions, name=layer,
+                                                     **options)  # fmt: skip
+                    if pooling is not None:
+                        warn(pooling)
+                captured[layer].append(to_concepts(x.detach().float(), max_positions=max_positions,
+                                                   name=layer, **options))  # fmt: skip
+            except Exception as error:
+                hook_errors.append(error)
+                raise
 
         return capture
 
     handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
-    device = next((p.device for p in model.parameters()), inputs.device)
+    device = next((p.device for p in model.parameters()), _leaves(inputs)[0].device)
     logits_parts: list[Tensor] | None = [] if want_logits else None
     model.eval()
     try:
-        for start in range(0, inputs.shape[0], batch_size):
-            batch = inputs[start : start + batch_size].to(device)
-            with forward_context():
-                output = model(batch)
-            _check_one_call_per_sample(captured, start, batch.shape[0])
+        n = batch_length(inputs)
+        for start in range(0, n, batch_size):
+            batch = move_batch(slice_batch(inputs, start, start + batch_size), device)
+            output = _forward(model, batch, forward_fn, forward_context, hook_errors)
+            size = batch_length(batch)
+            _check_one_call_per_sample(captured, start, size)
             if logits_parts is not None:
-                logits = _as_logits(output, logits_fn, batch.shape[0])
+                logits = _as_logits(output, logits_fn, size)
                 logits_parts = None if logits is None else [*logits_parts, logits]
     finally:
         for handle in handles:
             handle.remove()
     features = {layer: torch.cat(parts) for layer, parts in captured.items()}
     return features, None if logits_parts is None else torch.cat(logits_parts)
+
+
+def _forward(
+    model: nn.Module,
+    batch: Any,
+    forward_fn: ForwardFn | None,
+    forward_context: Callable[[], AbstractContextManager],
+    hook_errors: list[BaseException],
+) -> Any:
+    """One eager forward pass; a failure of the model (not of a hook) says how it was called."""
+    try:
+        with forward_context(), eager():
+            return (forward_fn or call_model)(model, batch)
+    except Exception as error:
+        if error in hook_errors:
+            raise
+        first_line = next(iter(str(error).strip().splitlines()), "")
+        how = "`forward_fn(model, inputs)`" if forward_fn is not None else (
+            "`model(**inputs)`" if isinstance(batch, Mapping) else "`model(inputs)`")  # fmt: skip
+        raise RuntimeError(
+            f"Expected the probe forward {how} to run on inputs that are {describe(batch)}, but "
+            f"it raised {type(error).__name__}: {first_line}. Pass `forward_fn=lambda model, "
+            "inputs: ...` to call the model another way, or `input_fn` to pick other inputs."
+        ) from error
 
 
 def _check_one_call_per_sample(captured: dict[str, list[Tensor]], start: int, n: int) -> None:

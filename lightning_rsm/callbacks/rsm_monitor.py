@@ -11,8 +11,19 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_rsm.callbacks import validation
-from lightning_rsm.callbacks.probe import Probe, capture_layers, read_probe, untouched
+from lightning_rsm.callbacks.probe import (
+    ForwardFn,
+    Picker,
+    Probe,
+    batch_length,
+    capture_layers,
+    read_probe,
+    slice_batch,
+    untouched,
+)
+from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
 from lightning_rsm.callbacks.ranks import run_on_every_rank
+from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
 from lightning_rsm.functional import (
     compare_rsms,
     jensen_shannon_similarity,
@@ -22,6 +33,7 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
 )
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
+from lightning_rsm.functional.representations import TokenGrid
 from lightning_rsm.image_logging import log_images
 from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting, rank_zero_warn
 from lightning_rsm.plotting import default_colour_range, rsm_images
@@ -36,12 +48,17 @@ class RSMMonitor(*CALLBACK_BASES):
     r"""Monitor semantic RSMs of chosen layers on a fixed probe set during training.
 
     On each evaluation (every ``every_n_epochs`` epochs: after the epoch's validation, or after
-    the training epoch when no validation ran in it; never during the sanity check) the probe
-    is run through the model in eval mode, without gradients and with every RNG state restored,
-    the outputs of ``layers`` are captured with forward hooks, and per layer the semantic RSM
+    the training epoch when no validation ran in it; or every ``every_n_train_steps`` optimizer
+    steps, right after the step; never during the sanity check) the probe is run through the
+    model in eval mode, without gradients, eagerly (also a ``torch.compile``'d model: nothing is
+    compiled or recompiled for it) and with every RNG state restored, the outputs of ``layers``
+    are captured with forward hooks, and per layer the semantic RSM
     (and the spatially aligned baseline) is computed and scored with
     :func:`~lightning_rsm.functional.rsm_scores`. Scalars go through ``pl_module.log``, so
-    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. TensorBoard loggers also get
+    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them (at fit start, one that would
+    read an ``rsm/`` key at other times than it is logged is an error naming the setting that
+    fixes it); with ``every_n_train_steps`` they also go straight to the loggers at
+    ``trainer.global_step``, whatever ``log_every_n_steps`` is. TensorBoard loggers also get
     the heatmaps (samples sorted by label, a colour scale fixed for the run) and the layer x
     layer RSA matrix, written by rank 0. Under DDP the ranks share the RSMs' work; if any rank
     fails in an evaluation, every rank skips it with the same warning and training goes on.
@@ -62,13 +79,37 @@ class RSMMonitor(*CALLBACK_BASES):
     Images: ``rsm/<layer>/<kind>/heatmap`` and ``rsm/layer_rsa`` (layers in the order given).
 
     Args:
-        probe: the probe set, fixed for the run: a ``DataLoader`` or ``Dataset`` yielding tensors
-            or ``(inputs, labels)`` tuples, or a tuple ``(inputs,)`` / ``(inputs, labels)`` of
-            tensors; read once, at fit start. Class ids ``(N,)`` (integer) or multi-hot labels
-            ``(N, L)`` enable the retrieval scores.
-        layers: module names as in ``model.named_modules()``; outputs of shape
-            ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` (tuple outputs: their first tensor).
-        every_n_epochs: evaluate after every n-th epoch.
+        probe: the probe set, fixed for the run: a ``DataLoader`` or ``Dataset`` yielding tensors,
+            ``(inputs, labels)`` tuples or (with ``input_fn``) any batch, or the whole probe as
+            one such batch; read once, at fit start. Class ids ``(N,)`` (integer) or multi-hot
+            labels ``(N, L)`` enable the retrieval scores. None: ``probe_size`` samples of the
+            fit's validation data (its first val loader, else ``datamodule.val_dataloader()``),
+            class-balanced, chosen with a fixed seed (see
+            :func:`~lightning_rsm.callbacks.probe_selection.select_probe`), read once when
+            training starts; the same in every run and after a resume.
+        layers: module names as in ``model.named_modules()`` (inside a ``torch.compile``'d
+            module also without ``_orig_mod.``); outputs of shape ``(N, C, H, W)``,
+            ``(N, T, D)`` or ``(N, D)`` (tuple outputs: their first tensor).
+        every_n_epochs: evaluate after every n-th epoch (the default, 1, unless
+            ``every_n_train_steps`` is given).
+        every_n_train_steps: evaluate after every n-th optimizer step instead (mid-epoch), in
+            ``on_train_batch_end``; not together with ``every_n_epochs``.
+        probe_size: samples taken from the validation data when ``probe`` is None.
+        input_fn: what the model is fed from a probe batch: a key (dict batches), an index
+            (tuple batches) or a function of the batch, giving a tensor ``(B, ...)`` or a
+            dict/tuple of such tensors. Default: the batch, or the first of one or two tensors.
+        label_fn: the labels of a probe batch, picked the same way. Default: the second tensor
+            of an ``(inputs, labels)`` pair, else none.
+        forward_fn: ``forward_fn(model, inputs)`` runs the model on a probe batch's inputs;
+            default ``model(**inputs)`` for a dict, else ``model(inputs)``.
+        special_tokens: for token layers ``(N, T, D)``: how many leading tokens are special
+            (CLS, registers); pooling never mixes them with the patch tokens.
+        tokens: for token layers: keep ``"all"`` tokens, only the ``"patches"`` or only the
+            ``"special"`` ones.
+        token_grid: for token layers with more patch tokens than ``max_positions``: ``"auto"``
+            pools them as a square grid when their number is a square (a ViT's 14 x 14),
+            ``(h, w)`` as that grid, ``None`` along T. Pooled token layers are named in a
+            warning, once.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
         matcher: LAP solver, as in :func:`~lightning_rsm.functional.semantic_rsm`.
         sigma: RBF bandwidth; default the median heuristic of each evaluation.
@@ -76,8 +117,9 @@ class RSMMonitor(*CALLBACK_BASES):
         tol: certified cosine-scale tolerance of ``matcher="auction"``.
         baseline: also compute the spatially aligned baseline RSM and its scores.
         max_positions: cap on the positions (``H * W`` or ``T``) per sample; larger maps are
-            average-pooled first (see :mod:`lightning_rsm.functional.options`). ``None`` keeps
-            every position (exact for the layer, slow for large maps).
+            average-pooled first (see :mod:`lightning_rsm.functional.options`; special tokens
+            kept with ``tokens="all"`` come on top). ``None`` keeps every position (exact for
+            the layer, slow for large maps).
         batch_size: probe samples per forward pass.
         logits_fn: maps the model's forward output on a probe batch to logits ``(B, K)``; by
             default the output (its first tensor) when it has that shape, else the probability
@@ -95,10 +137,15 @@ class RSMMonitor(*CALLBACK_BASES):
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
-            if a layer is not a module of the model.
-        TypeError: If ``probe``, ``targets`` or ``logits_fn`` have the wrong type, or labels
-            are not integer class ids or multi-hot values (at construction for tensors, at fit
-            start for loaders).
+            if a layer is not a module of the model, a ``ModelCheckpoint`` or ``EarlyStopping``
+            monitors an ``rsm/`` key at other times than it is logged, or ``probe`` is None and
+            the fit has no validation data.
+        TypeError: If ``probe``, ``targets``, ``logits_fn``, ``input_fn``, ``label_fn`` or
+            ``forward_fn`` have the wrong type, a probe batch has a structure they do not
+            pick from (the message names it), or labels are not integer class ids or multi-hot
+            values (at construction for tensors, at fit start for loaders).
+        RuntimeError: At fit start, if the model fails on a probe batch (the message says how it
+            was called and names ``forward_fn``).
         ValueError: If the probe or a target has a bad shape (at construction for tensors, at
             fit start for loaders), or, at fit start, a layer's output is not a representation.
 
@@ -125,10 +172,18 @@ class RSMMonitor(*CALLBACK_BASES):
 
     def __init__(
         self,
-        probe: Probe,
-        layers: Sequence[str],
+        probe: Probe | None = None,
+        layers: Sequence[str] = (),
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        probe_size: int = 500,
+        input_fn: Picker | None = None,
+        label_fn: Picker | None = None,
+        forward_fn: ForwardFn | None = None,
+        special_tokens: int = 0,
+        tokens: str = "all",
+        token_grid: TokenGrid = "auto",
         kernel: str = "cosine",
         matcher: str = "exact",
         sigma: float | None = None,
@@ -144,8 +199,10 @@ class RSMMonitor(*CALLBACK_BASES):
         heatmap_range: tuple[float, float] | None = None,
     ) -> None:
         validation.check_layers(layers)
+        self._schedule = Schedule.from_options(every_n_epochs, every_n_train_steps)
+        validation.check_batch_options(input_fn, label_fn, forward_fn, probe_size)
+        validation.check_token_options(special_tokens, tokens, token_grid)
         validation.check_options(
-            every_n_epochs=every_n_epochs,
             kernel=kernel,
             matcher=matcher,
             sigma=sigma,
@@ -157,12 +214,15 @@ class RSMMonitor(*CALLBACK_BASES):
         )
         self.heatmap_range = validation.check_heatmap_range(heatmap_range)
         validation.check_logits_fn(logits_fn)
-        validation.check_probe(probe)
+        validation.check_probe(probe, input_fn, label_fn)
         self.targets = validation.check_targets(targets)
 
         self.probe = probe
         self.layers = list(layers)
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs, self.every_n_train_steps = self._schedule
+        self.probe_size = probe_size
+        self.input_fn, self.label_fn, self.forward_fn = input_fn, label_fn, forward_fn
+        self.special_tokens, self.tokens, self.token_grid = special_tokens, tokens, token_grid
         self.kernel = kernel
         self.matcher = matcher
         self.sigma = sigma
@@ -178,9 +238,10 @@ class RSMMonitor(*CALLBACK_BASES):
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
         self._last_epoch = -1
+        self._last_step = -1
         self._previous: dict[str, Tensor] = {}
         self._ranges: dict[str, tuple[float, float]] = {}
-        self._inputs: Tensor | None = None
+        self._inputs: Any = None  # a tensor (N, ...), or a dict/tuple of them
         self._labels: Tensor | None = None
         self._use_logits = True
         self._warnings = WarningCache()
@@ -194,7 +255,20 @@ class RSMMonitor(*CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare_probe(trainer, pl_module)
+        if self.probe is not None:  # else from the validation data, once the fit has set it up
+            self._prepare_probe(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_score_readers(self._schedule, trainer, self)
+        if self.probe is None:
+            self._prepare_probe(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        self._evaluate_if_due(trainer, pl_module, after_step=True)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -210,6 +284,7 @@ class RSMMonitor(*CALLBACK_BASES):
         return {
             "history": [dict(row) for row in self.history],
             "last_epoch": self._last_epoch,
+            "last_step": self._last_step,
             "previous": dict(self._previous),
             "ranges": {layer: list(r) for layer, r in self._ranges.items()},
         }
@@ -218,6 +293,7 @@ class RSMMonitor(*CALLBACK_BASES):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict["history"]]
         self._last_epoch = state_dict["last_epoch"]
+        self._last_step = state_dict.get("last_step", -1)
         self._previous = dict(state_dict["previous"])
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
 
@@ -227,13 +303,13 @@ class RSMMonitor(*CALLBACK_BASES):
         """Read the probe, check it, the targets and the layers, and find the logits."""
         validation.check_layers_exist(pl_module, self.layers)
         with untouched(pl_module):
-            self._inputs, self._labels = read_probe(self.probe, self.batch_size)
-        validation.check_targets_match_probe(self.targets, self._inputs.shape[0])
+            self._inputs, self._labels = self._read_probe(trainer)
+        validation.check_targets_match_probe(self.targets, batch_length(self._inputs))
         if self._labels is None:
             self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
         self._use_logits = True
         with untouched(pl_module):
-            _, logits = self._capture(trainer, pl_module, self._inputs[:2])
+            _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
         if logits is not None:
             return
         if self.logits_fn is not None:
@@ -247,13 +323,23 @@ class RSMMonitor(*CALLBACK_BASES):
             "probability agreement is not computed. Pass `logits_fn` to pick the logits."
         )
 
+    def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
+        """The probe's inputs and labels: the one given, or chosen from the validation data."""
+        if self.probe is not None:
+            return read_probe(self.probe, self.batch_size, self.input_fn, self.label_fn)
+        loader = validation_loader(trainer)
+        probe = select_probe(loader, self.probe_size, self.batch_size, self.input_fn, self.label_fn)
+        return trainer.strategy.broadcast(probe, src=0) if _is_distributed(trainer) else probe
+
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if epoch == self._last_epoch or (epoch + 1) % self.every_n_epochs:
+    def _evaluate_if_due(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, after_step: bool = False
+    ) -> None:
+        last = {"last_epoch": self._last_epoch, "last_step": self._last_step}
+        if not self._schedule.is_due(trainer, after_step=after_step, **last):
             return
-        self._last_epoch = epoch
+        self._last_epoch, self._last_step = trainer.current_epoch, trainer.global_step
         with untouched(pl_module):
             self._evaluate(trainer, pl_module)
 
@@ -295,7 +381,7 @@ class RSMMonitor(*CALLBACK_BASES):
         return result
 
     def _capture(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         return capture_layers(
             pl_module,
@@ -306,6 +392,11 @@ class RSMMonitor(*CALLBACK_BASES):
             logits_fn=self.logits_fn,
             want_logits=self._use_logits,
             forward_context=trainer.precision_plugin.forward_context,
+            forward_fn=self.forward_fn,
+            special_tokens=self.special_tokens,
+            tokens=self.tokens,
+            token_grid=self.token_grid,
+            warn=lambda message: self._warnings.warn(f"RSMMonitor: {message}"),
         )
 
     def _semantic_rsms(
@@ -367,8 +458,7 @@ class RSMMonitor(*CALLBACK_BASES):
         rsms: Rsms,
         layer_rsa: Tensor,
     ) -> None:
-        for name, value in scores.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+        self._schedule.log(trainer, pl_module, scores)
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **scores})
         self._previous = {layer: kinds["semantic"] for layer, kinds in rsms.items()}
         self.layer_rsa = layer_rsa

@@ -14,12 +14,19 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rsm.callbacks.probe import check_layer_names, check_probe_tensors, split_batch
+from lightning_rsm.callbacks.probe import (
+    Picker,
+    check_layer_names,
+    check_probe_tensors,
+    split_batch,
+)
+from lightning_rsm.functional import representations
 from lightning_rsm.functional.options import (
     COMPARISON_METHODS,
     check_choice,
     check_positive_int,
     check_rsm_options,
+    is_positive_int,
 )
 from lightning_rsm.namespaces import MisconfigurationException
 
@@ -50,7 +57,6 @@ def check_layers(layers: object) -> None:
 
 def check_options(
     *,
-    every_n_epochs: object,
     kernel: object,
     matcher: object,
     sigma: object,
@@ -60,9 +66,8 @@ def check_options(
     batch_size: object,
     method: object,
 ) -> None:
-    """The schedule, the RSM options, the batch size and the comparison method."""
+    """The RSM options, the batch size and the comparison method (the schedule: ``schedule``)."""
     with _as_misconfiguration():
-        check_positive_int(every_n_epochs, "every_n_epochs")
         check_rsm_options(kernel, matcher, sigma, window, tol, max_positions)
         check_positive_int(batch_size, "batch_size")
         check_choice(method, COMPARISON_METHODS, "method")
@@ -92,15 +97,43 @@ def check_logits_fn(logits_fn: object) -> None:
         )
 
 
-def check_probe(probe: object) -> None:
-    """A loader or dataset (read at fit start), or tensors checked now."""
-    if isinstance(probe, (tuple, list)):
-        check_probe_tensors(*split_batch(probe, "`probe`"))
-    elif not isinstance(probe, (DataLoader, Dataset)):
+def check_probe(probe: object, input_fn: Picker | None, label_fn: Picker | None) -> None:
+    """None (the validation data), a loader or dataset (read at fit start), or tensors checked
+    now."""
+    if isinstance(probe, (tuple, list, Mapping)):
+        check_probe_tensors(*split_batch(probe, "`probe`", input_fn, label_fn))
+    elif probe is not None and not isinstance(probe, (DataLoader, Dataset)):
         raise TypeError(
-            "Expected `probe` to be a DataLoader, a Dataset or a tuple (inputs, labels) of "
-            f"tensors, but got {type(probe).__name__}."
+            "Expected `probe` to be a DataLoader, a Dataset, a tuple (inputs, labels) of tensors "
+            f"or None (samples of the validation data), but got {type(probe).__name__}."
         )
+
+
+def check_batch_options(
+    input_fn: object, label_fn: object, forward_fn: object, probe_size: object
+) -> None:
+    """How batches are split and fed to the model, and the size of a probe from validation."""
+    for name, picker in (("input_fn", input_fn), ("label_fn", label_fn)):
+        if not (picker is None or callable(picker) or isinstance(picker, (str, int))):
+            raise TypeError(
+                f"Expected `{name}` to be None, a key (str), an index (int) or a function of "
+                f"the batch, but got {type(picker).__name__}."
+            )
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(
+            "Expected `forward_fn` to be None or callable as forward_fn(model, inputs), "
+            f"but got {type(forward_fn).__name__}."
+        )
+    if not (is_positive_int(probe_size) and probe_size >= 2):
+        raise MisconfigurationException(
+            f"Expected `probe_size` to be an int of at least 2, but got {probe_size!r}."
+        )
+
+
+def check_token_options(special_tokens: object, tokens: object, token_grid: object) -> None:
+    """Which tokens of ``(N, T, D)`` layers are kept, and how patch tokens are pooled."""
+    with _as_misconfiguration():
+        representations.check_token_options(special_tokens, tokens, token_grid)
 
 
 def check_targets(targets: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
