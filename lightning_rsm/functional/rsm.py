@@ -41,6 +41,7 @@ from lightning_rsm.functional.representations import (
     _is_positive_int,
     _reshape_concepts,
 )
+from lightning_rsm.functional.warm_start import AssignmentCache
 
 _KERNELS = ("cosine", "inner", "rbf")
 
@@ -52,10 +53,21 @@ def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float)
     return value, upper
 
 
-# name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper)
+def _match_exact(scores: Tensor, options: dict) -> MatchResult:
+    """Exact values; warm-started from (and stored into) ``options["warm_start"]`` if given."""
+    cache: AssignmentCache | None = options.get("warm_start")
+    if cache is None:
+        return match_exact(scores)
+    values = torch.from_numpy(cache._solve(scores.double().cpu().numpy(), options["block"]))
+    values = values.to(scores.device)
+    return values, values.clone()
+
+
+# name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper);
+# options hold the keyword options of semantic_rsm and the block's segments ("block")
 _MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], MatchResult]] = {
     "auction": lambda scores, nx, ny, opts: _match_auction(scores, nx, ny, opts["tol"]),
-    "exact": lambda scores, nx, ny, opts: match_exact(scores),
+    "exact": lambda scores, nx, ny, opts: _match_exact(scores, opts),
     "greedy": lambda scores, nx, ny, opts: match_greedy(scores),
     "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"]),
 }
@@ -173,7 +185,7 @@ def _solve_block(
         scores = torch.cat([torch.matmul(xs[i], ys[j0:j1].transpose(1, 2)) for i, j0, j1 in block])
         nx = torch.cat([norms_x[i].expand(j1 - j0, -1) for i, j0, j1 in block])
         ny = torch.cat([norms_y[j0:j1] for _, j0, j1 in block])
-        value, upper = solve(scores, nx, ny, options)
+        value, upper = solve(scores, nx, ny, {**options, "block": block})
     return block, value, upper
 
 
@@ -362,6 +374,7 @@ def semantic_rsm(
     progress: bool = False,
     return_gap: bool = False,
     distributed: bool | None = None,
+    warm_start: AssignmentCache | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -397,6 +410,10 @@ def semantic_rsm(
             ``None`` (default) does so whenever a group is initialised; then **every rank must
             call with the same inputs**, or the call waits forever. ``False`` computes
             everything in this process (e.g. inside rank-zero-only code).
+        warm_start: an :class:`~lightning_rsm.functional.AssignmentCache` to start each pair's
+            exact solve from its solution in the previous call with this cache and store the
+            new one: the same (exact) RSM, cheaper when the features changed little, e.g. one
+            cache per monitored layer, evaluated every epoch. Only ``matcher="exact"`` uses it.
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -405,6 +422,7 @@ def semantic_rsm(
 
     Raises:
         TypeError: If ``x`` or ``y`` is not a real tensor.
+        TypeError: If ``warm_start`` is not an ``AssignmentCache`` or None.
         ValueError: If a name is unknown, ``x`` has another number of dimensions, fewer than 2
             samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ in S or C.
 
@@ -423,6 +441,15 @@ def semantic_rsm(
     _check_pair(x, y)
     xs, ys = _prepare(x, y, max_positions)
     symmetric = y is None
+    if warm_start is not None and not isinstance(warm_start, AssignmentCache):
+        raise TypeError(
+            "Expected `warm_start` to be an AssignmentCache or None, "
+            f"but got {type(warm_start).__name__}."
+        )
+    if matcher != "exact":
+        warm_start = None
+    elif warm_start is not None:
+        warm_start._bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
     sq_x = _squared_norms(xs)
     sq_y = sq_x if symmetric else _squared_norms(ys)
     lower, upper = _assignment_bounds(
@@ -430,7 +457,7 @@ def semantic_rsm(
         ys,
         symmetric,
         matcher,
-        {"window": window, "tol": tol},
+        {"window": window, "tol": tol, "warm_start": warm_start},
         block_size,
         num_workers,
         progress,
