@@ -45,6 +45,8 @@ _BACKENDS = ("numba", "scipy")
 # Warm duals whose spread exceeds this multiple of S * (max score - min score) are ignored:
 # optimal duals never need more, and far larger ones would drown the costs in rounding.
 _DUAL_SPREAD = 4.0
+# A warm edge whose reduced cost is within this many ulps of the largest |score| counts as tight.
+_TIGHT_ULPS = 16.0
 
 
 def _njit(function):
@@ -174,69 +176,144 @@ def _shortest_path(cost, start, x, y, v, d, cols, pred):
 
 
 @_njit
-def _solve_one(cost, warm, x0, v0, x, y, v, free, d, cols, pred):
+def _warm_start(cost, x0, v0, x, y, v, u, free):
+    """Keep the rows of assignment ``x0`` that are tight under duals ``v0``; returns free rows.
+
+    Returns -1 if ``cost`` holds NaN/Inf, -2 if ``v0`` is unusable (then x, y, v are garbage).
+    """
+    n = cost.shape[0]
+    lo = np.inf
+    hi = -np.inf
+    check = 0.0
+    for j in range(n):
+        v[j] = v0[j]
+    for i in range(n):
+        row_min = np.inf
+        for j in range(n):
+            c = cost[i, j]
+            check += c - c  # NaN once any entry is NaN or infinite
+            lo = min(lo, c)
+            hi = max(hi, c)
+            t = -c - v[j]
+            if t < row_min:
+                row_min = t
+        u[i] = row_min
+    if check != 0.0:
+        return -1
+    vlo = np.inf
+    vhi = -np.inf
+    for j in range(n):
+        vlo = min(vlo, v[j])
+        vhi = max(vhi, v[j])
+    # far-off duals would drown the costs in rounding (and NaN duals fail this test, too)
+    if not vhi - vlo <= _DUAL_SPREAD * n * (hi - lo):
+        return -2
+    # an edge off tight by rounding only (the duals come from a solve of the same problem, or
+    # one that changed less than this) is kept as tight: the value is then off by at most
+    # n * tol, like the rounding of any floating-point solve
+    tol = _TIGHT_ULPS * np.finfo(np.float64).eps * max(abs(lo), abs(hi))
+    # first keep every row whose old edge is still tight
+    undecided = 0
+    for i in range(n):
+        j = x0[i]
+        if 0 <= j < n and y[j] < 0 and -cost[i, j] - v[j] - u[i] <= tol:
+            x[i] = j
+            y[j] = i
+        else:
+            free[undecided] = i
+            undecided += 1
+    # then try to make the other old edges tight by raising v[j] by the row's gap, where no kept
+    # row's reduced cost in column j goes negative: kept rows stay at their row minimum (their
+    # edges are untouched), and free rows need no dual (ARR and the paths take row minima)
+    n_free = 0
+    for f in range(undecided):
+        i = free[f]
+        j = x0[i]
+        if 0 <= j < n and y[j] < 0:
+            row_min = np.inf
+            for k in range(n):
+                row_min = min(row_min, -cost[i, k] - v[k])
+            gap = -cost[i, j] - v[j] - row_min
+            slack = np.inf
+            if gap > tol:
+                for k in range(n):
+                    if x[k] >= 0:
+                        slack = min(slack, -cost[k, j] - v[j] - u[k])
+            if gap <= slack:
+                if gap > tol:
+                    v[j] += gap
+                u[i] = row_min
+                x[i] = j
+                y[j] = i
+                continue
+        free[n_free] = i
+        n_free += 1
+    return n_free
+
+
+@_njit
+def _cold_start(cost, x, y, v, free):
+    """JV's column reduction and reduction transfer; returns free rows, -1 on NaN/Inf costs."""
+    n = cost.shape[0]
+    check = 0.0
+    for j in range(n):
+        v[j] = np.inf
+    for i in range(n):
+        for j in range(n):
+            c = -cost[i, j]
+            check += c - c
+            if c < v[j]:
+                v[j] = c
+                y[j] = i
+    if check != 0.0:
+        return -1
+    # each column goes to its cheapest row, the last column first
+    unique = np.ones(n, dtype=np.bool_)
+    for j in range(n - 1, -1, -1):
+        i = y[j]
+        if x[i] < 0:
+            x[i] = j
+        else:
+            unique[i] = False
+            y[j] = -1
+    # reduction transfer from rows that got exactly one column
+    n_free = 0
+    for i in range(n):
+        if x[i] < 0:
+            free[n_free] = i
+            n_free += 1
+        elif unique[i]:
+            j = x[i]
+            low = np.inf
+            for k in range(n):
+                if k != j:
+                    c = -cost[i, k] - v[k]
+                    if c < low:
+                        low = c
+            v[j] -= low
+    return n_free
+
+
+@_njit
+def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
     """Solve one matrix (``cost`` holds the scores; costs are their negatives) into x, y, v.
 
-    Returns ``(rows not kept from the warm start, rows that needed a shortest path)``.
+    Returns ``(rows not kept from the warm start, rows that needed a shortest path)``, or
+    ``(-1, -1)`` if ``cost`` holds NaN/Inf.
     """
     n = cost.shape[0]
     for j in range(n):
         x[j] = -1
         y[j] = -1
-    if n == 1:
-        x[0] = 0
-        y[0] = 0
-        v[0] = -cost[0, 0]
-        return 1 - int(warm), 0
-    n_free = 0
-    if warm:
+    n_free = _warm_start(cost, x0, v0, x, y, v, u, free) if warm else -2
+    if n_free == -2:
         for j in range(n):
-            v[j] = v0[j]
-        for i in range(n):
-            row_min = np.inf
-            for j in range(n):
-                c = -cost[i, j] - v[j]
-                if c < row_min:
-                    row_min = c
-            j = x0[i]
-            if 0 <= j < n and y[j] < 0 and -cost[i, j] - v[j] == row_min:
-                x[i] = j
-                y[j] = i
-            else:
-                free[n_free] = i
-                n_free += 1
-    else:
-        # column reduction: each column goes to its cheapest row, the last column first
-        for j in range(n):
-            v[j] = np.inf
-        for i in range(n):
-            for j in range(n):
-                c = -cost[i, j]
-                if c < v[j]:
-                    v[j] = c
-                    y[j] = i
-        unique = np.ones(n, dtype=np.bool_)
-        for j in range(n - 1, -1, -1):
-            i = y[j]
-            if x[i] < 0:
-                x[i] = j
-            else:
-                unique[i] = False
-                y[j] = -1
-        # reduction transfer from rows that got exactly one column
-        for i in range(n):
-            if x[i] < 0:
-                free[n_free] = i
-                n_free += 1
-            elif unique[i]:
-                j = x[i]
-                low = np.inf
-                for k in range(n):
-                    if k != j:
-                        c = -cost[i, k] - v[k]
-                        if c < low:
-                            low = c
-                v[j] -= low
+            x[j] = -1
+            y[j] = -1
+        n_free = _cold_start(cost, x, y, v, free)
+        warm = False
+    if n_free < 0:
+        return -1, -1
     not_kept = n_free if warm else n
     for _ in range(2):
         if n_free == 0:
@@ -259,13 +336,15 @@ def _solve_one(cost, warm, x0, v0, x, y, v, free, d, cols, pred):
 def _solve_batch(scores, slots, warm, assign, duals, values, stats):
     """Solve ``scores[b]`` for every b; warm from ``assign/duals[slots[b]]`` where ``warm[b]``.
 
-    Writes the optimal value to ``values[b]``, the row counts to ``stats[b]`` and, where
-    ``slots[b] >= 0``, the assignment and column duals to ``assign/duals[slots[b]]``.
+    Writes the optimal value to ``values[b]`` (NaN if the matrix holds NaN/Inf), the row counts
+    to ``stats[b]`` and, where ``slots[b] >= 0``, the assignment and column duals to
+    ``assign/duals[slots[b]]``.
     """
     n = scores.shape[1]
     x = np.empty(n, dtype=np.int64)
     y = np.empty(n, dtype=np.int64)
     v = np.empty(n, dtype=np.float64)
+    u = np.empty(n, dtype=np.float64)
     x0 = np.empty(n, dtype=np.int64)
     v0 = np.empty(n, dtype=np.float64)
     free = np.empty(n, dtype=np.int64)
@@ -275,38 +354,29 @@ def _solve_batch(scores, slots, warm, assign, duals, values, stats):
     for b in range(scores.shape[0]):
         cost = scores[b]
         slot = slots[b]
-        lo = np.inf
-        hi = -np.inf
-        check = 0.0
-        for i in range(n):
-            for j in range(n):
-                c = cost[i, j]
-                lo = min(lo, c)
-                hi = max(hi, c)
-                check += c - c  # NaN once any entry is NaN or infinite
-        if check != 0.0:
-            values[b] = np.nan
-            stats[b, 0] = -1
-            stats[b, 1] = -1
-            continue
         use = warm[b] and slot >= 0
+        if n == 1:  # also keeps ARR (which needs a second column) away from S = 1
+            values[b] = cost[0, 0] if np.isfinite(cost[0, 0]) else np.nan
+            stats[b, 0] = 0 if use else 1
+            stats[b, 1] = 0
+            if slot >= 0:
+                assign[slot, 0] = 0
+                duals[slot, 0] = -cost[0, 0]
+            continue
         if use:
-            vmin = np.inf
-            vmax = -np.inf
             for j in range(n):
                 x0[j] = assign[slot, j]
                 v0[j] = duals[slot, j]
-                vmin = min(vmin, v0[j])
-                vmax = max(vmax, v0[j])
-            # NaN or far-off duals: solve cold (vmax - vmin is NaN or inf then, too)
-            use = vmax - vmin <= _DUAL_SPREAD * n * (hi - lo) + 1e-300
-        kept, paths = _solve_one(cost, use, x0, v0, x, y, v, free, d, cols, pred)
+        kept, paths = _solve_one(cost, use, x0, v0, x, y, v, u, free, d, cols, pred)
+        stats[b, 0] = kept
+        stats[b, 1] = paths
+        if kept < 0:
+            values[b] = np.nan
+            continue
         total = 0.0
         for i in range(n):
             total += cost[i, x[i]]
         values[b] = total
-        stats[b, 0] = kept
-        stats[b, 1] = paths
         if slot >= 0:
             for j in range(n):
                 assign[slot, j] = x[j]
@@ -330,7 +400,7 @@ def _solve_into(
     duals: np.ndarray,
     backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Solve float64 C-contiguous ``scores`` (B, S, S); warm from and into rows of assign/duals.
+    """Solve C-contiguous float32/64 ``scores`` (B, S, S); warm from/into rows of assign/duals.
 
     ``slots[b]`` is the row of ``assign``/``duals`` that holds matrix b's solution (-1: none),
     used as the start where ``warm[b]``. Returns ``(values (B,), rows (B, 2))``, see

@@ -58,7 +58,8 @@ def _match_exact(scores: Tensor, options: dict) -> MatchResult:
     cache: AssignmentCache | None = options.get("warm_start")
     if cache is None:
         return match_exact(scores)
-    values = torch.from_numpy(cache._solve(scores.double().cpu().numpy(), options["block"]))
+    # float32 scores go to the solver as they are (it computes in float64): no float64 copy
+    values = torch.from_numpy(cache._solve(scores.cpu().numpy(), options["block"]))
     values = values.to(scores.device)
     return values, values.clone()
 

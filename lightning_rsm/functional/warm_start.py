@@ -15,7 +15,7 @@ import numpy as np
 
 from lightning_rsm.functional import lap
 
-_DUAL_DTYPE = np.float32
+_DUAL_DTYPE = np.float64
 
 
 def _assignment_dtype(size: int) -> np.dtype:
