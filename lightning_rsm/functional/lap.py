@@ -182,11 +182,18 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
     Returns -1 if ``cost`` holds NaN/Inf, -2 if ``v0`` is unusable (then x, y, v are garbage).
     """
     n = cost.shape[0]
-    lo = np.inf
-    hi = -np.inf
+    vlo = np.inf
+    vhi = -np.inf
     check = 0.0
     for j in range(n):
         v[j] = v0[j]
+        check += v[j] - v[j]  # NaN once any dual is NaN or infinite
+        vlo = min(vlo, v[j])
+        vhi = max(vhi, v[j])
+    if check != 0.0:
+        return -2
+    lo = np.inf
+    hi = -np.inf
     for i in range(n):
         row_min = np.inf
         for j in range(n):
@@ -200,13 +207,8 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
         u[i] = row_min
     if check != 0.0:
         return -1
-    vlo = np.inf
-    vhi = -np.inf
-    for j in range(n):
-        vlo = min(vlo, v[j])
-        vhi = max(vhi, v[j])
-    # far-off duals would drown the costs in rounding (and NaN duals fail this test, too)
-    if not vhi - vlo <= _DUAL_SPREAD * n * (hi - lo):
+    # far-off duals would drown the costs in rounding
+    if vhi - vlo > _DUAL_SPREAD * n * (hi - lo):
         return -2
     # an edge off tight by rounding only (the duals come from a solve of the same problem, or
     # one that changed less than this) is kept as tight: the value is then off by at most

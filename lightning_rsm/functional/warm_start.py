@@ -127,7 +127,8 @@ class AssignmentCache:
         slots[slots >= len(self._valid)] = -1
         kept = slots >= 0
         warm = np.zeros(len(slots), dtype=np.bool_)
-        warm[kept] = self._valid[slots[kept]]
+        if lap._HAVE_NUMBA:  # scipy keeps no duals: solves cold, nothing to start from
+            warm[kept] = self._valid[slots[kept]]
         values, rows = lap._solve_into(scores, slots, warm, self._assign, self._duals)
         self._valid[slots[kept]] = True
         with self._lock:
