@@ -11,10 +11,19 @@ for every row still free.
 
 Warm solve, from a previous solution's column duals ``v`` and assignment: the row duals
 ``u_i = min_j (c_ij - v_j)`` make *any* ``v`` dual-feasible, so every row whose previous column
-is still tight (its reduced cost is the row minimum) keeps it, and only the other rows are
-re-assigned (augmenting row reduction, then shortest paths). The result is the exact optimum
+is still tight (its reduced cost is the row minimum) keeps it. A row whose old edge is off by a
+gap keeps it too when raising that column's dual by the gap leaves every kept row's reduced
+costs non-negative (kept edges stay tight, the duals stay feasible). Only the other rows are
+re-assigned: augmenting row reduction, then shortest paths. The result is the exact optimum
 whatever the previous solution was; a good one only makes it cheaper. Duals that are not finite
-or far off the problem's scale (where rounding could hurt) are ignored: that matrix is solved cold.
+or far off the problem's scale (where rounding could hurt) are ignored: that matrix is solved
+cold.
+
+Exact means as exact as a floating-point solve can be: an old edge whose reduced cost is off by
+rounding only (16 ulps of the largest ``|score|``) counts as tight, so a solution carried over
+unchanged is not re-solved; this can move the value by at most ``S`` times that (about
+``2e-13 * max |score|`` at S = 64), the same order as the rounding of any cold solve (scipy's
+included). Values are summed row by row in a fixed order.
 
 :class:`AssignmentCache` keeps the solutions of every pair of an RSM between evaluations, so
 ``semantic_rsm(..., warm_start=cache)`` solves each pair from its previous solution.
@@ -25,14 +34,13 @@ warm starts are then ignored (scipy returns no duals), results are the same.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-try:  # numba caches compiled code next to this file, or, if that is read-only, in its own dir
+try:
     import numba
 
     _HAVE_NUMBA = True
@@ -42,21 +50,33 @@ except ImportError:  # pragma: no cover - exercised by forcing `backend="scipy"`
 
 _BACKENDS = ("numba", "scipy")
 
-# Warm duals whose spread exceeds this multiple of S * (max score - min score) are ignored:
-# optimal duals never need more, and far larger ones would drown the costs in rounding.
+# Warm duals whose spread exceeds this multiple of S * (max score - min score) are ignored: JV's
+# duals stay within about S times the score range, far larger ones would drown the costs in
+# rounding.
 _DUAL_SPREAD = 4.0
+# A warm start is dropped for a cold one when more than this share of the old edges is no longer
+# tight (duals of an unrelated problem: repairing and re-assigning nearly every row costs more
+# than JV's own start).
+_WARM_MAX_LOOSE = 0.9
 # A warm edge whose reduced cost is within this many ulps of the largest |score| counts as tight.
 _TIGHT_ULPS = 16.0
 
 
 def _njit(function):
-    """``numba.njit(cache=True, nogil=True)`` (compiled lazily on first call), or no-op."""
+    """``numba.njit(cache=True, nogil=True)``, or the plain function without numba.
+
+    Compiles lazily, on the first call with new argument types (about 2 s each), and caches the
+    machine code on disk: next to this file, else (read-only site-packages) numba's per-user
+    cache dir, or ``NUMBA_CACHE_DIR``. Where no cache dir is writable it compiles per process.
+    ``nogil`` lets the solver threads of :func:`~lightning_rsm.functional.semantic_rsm` run
+    in parallel.
+    """
     if not _HAVE_NUMBA:
         return function
-    if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(__file__), os.W_OK):
-        # numba would fall back by itself; say where, so the compiled code survives restarts
-        numba.config.CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "numba")
-    return numba.njit(cache=True, nogil=True)(function)
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # pragma: no cover - "cannot cache function": no writable cache dir
+        return numba.njit(nogil=True)(function)
 
 
 @_njit
@@ -179,7 +199,8 @@ def _shortest_path(cost, start, x, y, v, d, cols, pred):
 def _warm_start(cost, x0, v0, x, y, v, u, free):
     """Keep the rows of assignment ``x0`` that are tight under duals ``v0``; returns free rows.
 
-    Returns -1 if ``cost`` holds NaN/Inf, -2 if ``v0`` is unusable (then x, y, v are garbage).
+    Returns -1 if ``cost`` holds NaN/Inf, -2 if ``v0`` is unusable or nearly no old edge is
+    still tight (then x, y, v are garbage).
     """
     n = cost.shape[0]
     vlo = np.inf
@@ -224,6 +245,8 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
         else:
             free[undecided] = i
             undecided += 1
+    if undecided > _WARM_MAX_LOOSE * n:
+        return -2  # (nearly) nothing still tight: a start from unrelated duals, don't repair
     # then try to make the other old edges tight by raising v[j] by the row's gap, where no kept
     # row's reduced cost in column j goes negative: kept rows stay at their row minimum (their
     # edges are untouched), and free rows need no dual (ARR and the paths take row minima)
