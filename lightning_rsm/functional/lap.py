@@ -20,9 +20,9 @@ or far off the problem's scale (where rounding could hurt) are ignored: that mat
 cold.
 
 Exact means as exact as a floating-point solve can be: an old edge whose reduced cost is off by
-rounding only (16 ulps of the largest ``|score|``) counts as tight, so a solution carried over
+rounding only (16 ulps of ``|score| + |dual|``) counts as tight, so a solution carried over
 unchanged is not re-solved; this can move the value by at most ``S`` times that (about
-``2e-13 * max |score|`` at S = 64), the same order as the rounding of any cold solve (scipy's
+``2e-13 * (|score| + |dual|)`` at S = 64), the order of the rounding of any cold solve (scipy's
 included). Values are summed row by row in a fixed order.
 
 :class:`AssignmentCache` keeps the solutions of every pair of an RSM between evaluations, so
@@ -50,15 +50,15 @@ except ImportError:  # pragma: no cover - exercised by forcing `backend="scipy"`
 
 _BACKENDS = ("numba", "scipy")
 
-# Warm duals whose spread exceeds this multiple of S * (max score - min score) are ignored: JV's
-# duals stay within about S times the score range, far larger ones would drown the costs in
-# rounding.
+# Warm duals whose spread exceeds this multiple of S * |score| (the largest on the old edges)
+# are ignored: JV's duals stay within about S times the score range, far larger ones would drown
+# the costs in rounding.
 _DUAL_SPREAD = 4.0
 # A warm start is dropped for a cold one when more than this share of the old edges is no longer
 # tight (duals of an unrelated problem: repairing and re-assigning nearly every row costs more
 # than JV's own start).
 _WARM_MAX_LOOSE = 0.9
-# A warm edge whose reduced cost is within this many ulps of the largest |score| counts as tight.
+# A warm edge whose reduced cost is within this many ulps of |score| + |dual| counts as tight.
 _TIGHT_ULPS = 16.0
 
 
@@ -213,28 +213,29 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
         vhi = max(vhi, v[j])
     if check != 0.0:
         return -2
-    lo = np.inf
-    hi = -np.inf
     for i in range(n):
         row_min = np.inf
         for j in range(n):
             c = cost[i, j]
             check += c - c  # NaN once any entry is NaN or infinite
-            lo = min(lo, c)
-            hi = max(hi, c)
             t = -c - v[j]
             if t < row_min:
                 row_min = t
         u[i] = row_min
     if check != 0.0:
         return -1
+    # the scale of the scores, from the old edges (no pass over all entries): at most max |score|
+    scale = 0.0
+    for i in range(n):
+        if 0 <= x0[i] < n:
+            scale = max(scale, abs(cost[i, x0[i]]))
     # far-off duals would drown the costs in rounding
-    if vhi - vlo > _DUAL_SPREAD * n * (hi - lo):
+    if vhi - vlo > _DUAL_SPREAD * n * scale:
         return -2
     # an edge off tight by rounding only (the duals come from a solve of the same problem, or
     # one that changed less than this) is kept as tight: the value is then off by at most
     # n * tol, like the rounding of any floating-point solve
-    tol = _TIGHT_ULPS * np.finfo(np.float64).eps * max(abs(lo), abs(hi))
+    tol = _TIGHT_ULPS * np.finfo(np.float64).eps * (scale + max(abs(vlo), abs(vhi)))
     # first keep every row whose old edge is still tight
     undecided = 0
     for i in range(n):
