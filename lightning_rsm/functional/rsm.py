@@ -183,7 +183,12 @@ def _solve_block(
 ) -> tuple[list[Segment], Tensor, Tensor]:
     """Form the block's score matrices with one matmul per row segment and solve them."""
     with torch.no_grad():
-        scores = torch.cat([torch.matmul(xs[i], ys[j0:j1].transpose(1, 2)) for i, j0, j1 in block])
+        # each segment's products go straight into the block's tensor: no copy by torch.cat
+        scores = xs.new_empty(sum(j1 - j0 for _, j0, j1 in block), xs.shape[1], ys.shape[1])
+        start = 0
+        for i, j0, j1 in block:
+            torch.matmul(xs[i], ys[j0:j1].transpose(1, 2), out=scores[start : start + j1 - j0])
+            start += j1 - j0
         nx = torch.cat([norms_x[i].expand(j1 - j0, -1) for i, j0, j1 in block])
         ny = torch.cat([norms_y[j0:j1] for _, j0, j1 in block])
         value, upper = solve(scores, nx, ny, {**options, "block": block})
