@@ -35,11 +35,14 @@ class AssignmentCache:
     solution and give the same RSM (exact) at a fraction of the solve time while the features
     drift slowly. Other matchers ignore the cache.
 
-    Memory: per cached pair ``bytes_per_pair(S) = S * (a + 4) + 1`` bytes, with ``a = 1`` byte
-    per assignment index for S <= 256 (``2`` up to 32768) and float32 column duals, e.g. 321 B
-    at S = 64; a probe of 1000 samples has 499,500 pairs, 160 MB at S = 64. Pairs beyond
-    ``max_bytes`` (in pair order: row by row, ``j > i``) are solved cold every time. Arrays are
-    allocated on the first call (the OS commits pages as they are written).
+    Memory: per cached pair ``bytes_per_pair(S) = S * (a + 8) + 1`` bytes, with ``a = 1`` byte
+    per assignment index for S <= 256 (``2`` up to 32768), float64 column duals and a flag, e.g.
+    577 B at S = 64 (145 B at S = 16). A probe of 1000 samples has 499,500 pairs: 288 MB at
+    S = 64, so the default cap of 256 MiB keeps 465,000 of them (93 %). Pairs beyond
+    ``max_bytes`` (in pair order: row by row, ``j > i``) are solved cold every time. The arrays
+    are allocated on the first call (the OS commits pages as they are written). The duals are
+    float64 because float32 rounding (1e-7) would loosen most tight edges: a layer that did not
+    change (frozen) would need re-solving instead of costing one pass over its scores.
 
     The cache is bound to the shapes of the call: it is emptied automatically (and the call
     solves cold) when N, M, S or symmetry (``y`` given or not) change. It does not notice a
