@@ -8,10 +8,12 @@ and after every epoch evaluates the probe (``10 * per_class`` held-out images) a
 cosine semantic RSM, once cold (no cache) and once warm (``warm_start=`` one
 :class:`AssignmentCache` per layer, kept across epochs), in this order in the same process.
 Columns per evaluation: forward time; cold and warm time of the RSMs of all layers; the whole
-evaluation's ratio ``(forward + cold) / (forward + warm)``; the share of rows that were not kept
-from the warm start and the share that needed a shortest augmenting path; the largest
-``|K_warm - K_cold|``. The worst case follows: independent random ReLU features at every
-evaluation (nothing to reuse), and random features drifting 1% per evaluation.
+evaluation's ratio ``(forward + cold) / (forward + warm)``; the same with the cold RSMs solved by
+scipy (the exact matcher before numba, forced by hiding numba); the share of rows that were not
+kept from the warm start and the share that needed a shortest augmenting path; the largest
+``|K_warm - K_cold|`` (and the same for scipy's cold RSM). The worst case follows: independent
+random ReLU features at every evaluation (nothing to reuse), and random features drifting 1% per
+evaluation.
 
 Then the cold solvers side by side on the same score matrices, single thread: the numba
 Jonker-Volgenant solver of :mod:`lightning_rsm.functional.lap` vs scipy's
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_rsm.demo import DEMO_LAYERS, DigitsCNN, shifted_digits, split_probe  # noqa: E402
 from lightning_rsm.functional import (  # noqa: E402
     AssignmentCache,
+    lap,
     linear_assignment_batch,
     semantic_rsm,
     to_concepts,
@@ -64,9 +67,16 @@ def _probe_features(model: DigitsCNN, images: torch.Tensor) -> tuple[dict, float
 
 
 def _evaluate(feats: dict, caches: dict, threads: int) -> dict:
-    """Cold then warm RSMs of every layer; times, row shares and the largest difference."""
-    row = dict(cold=0.0, warm=0.0, diff=0.0, rows=0, reassigned=0, paths=0)
+    """Cold (scipy, numba) then warm RSMs of every layer; times, row shares, largest difference."""
+    row = dict(scipy=0.0, cold=0.0, warm=0.0, diff=0.0, rows=0, reassigned=0, paths=0)
     for name, x in feats.items():
+        have_numba, lap._HAVE_NUMBA = lap._HAVE_NUMBA, False  # the exact matcher falls back
+        try:
+            start = time.perf_counter()
+            scipy = semantic_rsm(x, max_positions=MAX_POSITIONS, num_workers=threads)
+            row["scipy"] += time.perf_counter() - start
+        finally:
+            lap._HAVE_NUMBA = have_numba
         start = time.perf_counter()
         cold = semantic_rsm(x, max_positions=MAX_POSITIONS, num_workers=threads)
         row["cold"] += time.perf_counter() - start
@@ -75,7 +85,8 @@ def _evaluate(feats: dict, caches: dict, threads: int) -> dict:
             x, max_positions=MAX_POSITIONS, num_workers=threads, warm_start=caches[name]
         )
         row["warm"] += time.perf_counter() - start
-        row["diff"] = max(row["diff"], float((warm.double() - cold.double()).abs().max()))
+        for other in (cold, scipy):
+            row["diff"] = max(row["diff"], float((warm.double() - other.double()).abs().max()))
         stats = caches[name].stats
         row["rows"] += stats["rows"]
         row["reassigned"] += stats["rows_reassigned"]
@@ -85,17 +96,21 @@ def _evaluate(feats: dict, caches: dict, threads: int) -> dict:
 
 def _print_row(label: str, forward: float, row: dict) -> None:
     whole = (forward + row["cold"]) / (forward + row["warm"])
+    whole_scipy = (forward + row["scipy"]) / (forward + row["warm"])
     print(
-        f"{label:>8}  {forward * 1e3:7.0f}  {row['cold'] * 1e3:7.0f}  {row['warm'] * 1e3:7.0f}"
-        f"  {row['cold'] / row['warm']:6.2f}x  {whole:6.2f}x"
+        f"{label:>8}  {forward * 1e3:7.0f}  {row['scipy'] * 1e3:7.0f}  {row['cold'] * 1e3:7.0f}"
+        f"  {row['warm'] * 1e3:7.0f}  {row['cold'] / row['warm']:6.2f}x  {whole:6.2f}x"
+        f"  {whole_scipy:6.2f}x"
         f"  {100 * row['reassigned'] / row['rows']:6.1f}%  {100 * row['paths'] / row['rows']:6.2f}%"
         f"  {row['diff']:.1e}"
     )
 
 
 HEADER = (
-    "    eval  fwd(ms)  cold(ms) warm(ms)  solve   whole  not kept  paths   max|diff|\n"
-    "                                      ratio   ratio  (rows)    (rows)"
+    "    eval  fwd(ms)  scipy    cold    warm   RSMs     whole    whole   not kept  paths"
+    "   max|diff|\n"
+    "                  cold(ms) (ms)    (ms)   cold/    cold/    scipy/  (rows)    (rows)\n"
+    "                                          warm     warm     warm"
 )
 
 
