@@ -515,7 +515,8 @@ def linear_assignment_batch(
     Jonker-Volgenant (column reduction, augmenting row reduction, shortest augmenting paths),
     compiled with numba and run without the GIL. Given a previous solution's ``assignment`` and
     ``duals`` (e.g. of a slightly different problem), each row whose previous column is still
-    tight keeps it and only the other rows are re-assigned; the result is exact either way.
+    tight, or can be made tight by raising that column's dual, keeps it and only the other rows
+    are re-assigned; the result is exact either way (see the module notes on rounding).
 
     .. note:: Runs on CPU; the first call compiles the solver (about 2 s, cached on disk).
 

@@ -444,14 +444,14 @@ def semantic_rsm(
         if value is not None and not _is_positive_int(value):
             raise ValueError(f"Expected `{name}` to be a positive int or None, but got {value!r}.")
     _check_max_positions(max_positions)
-    _check_pair(x, y)
-    xs, ys = _prepare(x, y, max_positions)
-    symmetric = y is None
     if warm_start is not None and not isinstance(warm_start, AssignmentCache):
         raise TypeError(
             "Expected `warm_start` to be an AssignmentCache or None, "
             f"but got {type(warm_start).__name__}."
         )
+    _check_pair(x, y)
+    xs, ys = _prepare(x, y, max_positions)
+    symmetric = y is None
     if matcher != "exact":
         warm_start = None
     elif warm_start is not None:
