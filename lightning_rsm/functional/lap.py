@@ -13,7 +13,8 @@ Warm solve, from a previous solution's column duals ``v`` and assignment: the ro
 ``u_i = min_j (c_ij - v_j)`` make *any* ``v`` dual-feasible, so every row whose previous column
 is still tight (its reduced cost is the row minimum) keeps it. A row whose old edge is off by a
 gap keeps it too when raising that column's dual by the gap leaves every kept row's reduced
-costs non-negative (kept edges stay tight, the duals stay feasible). Only the other rows are
+costs non-negative (kept edges stay tight, the duals stay feasible); otherwise the column's dual
+is raised as far as the kept rows allow, which shortens the paths to it. Only the other rows are
 re-assigned: augmenting row reduction, then shortest paths. The result is the exact optimum
 whatever the previous solution was; a good one only makes it cheaper. Duals that are not finite
 or far off the problem's scale (where rounding could hurt) are ignored: that matrix is solved
@@ -276,6 +277,9 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
                 x[i] = j
                 y[j] = i
                 continue
+            # not tight enough, but raise v[j] as far as the kept rows allow (dual ascent): the
+            # free column comes closer to the free rows, their shortest paths end sooner
+            v[j] += slack
         free[n_free] = i
         n_free += 1
     return n_free
