@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from lightning_rsm.functional.lap import _cold_values
 
 MatchResult = tuple[Tensor, Tensor]
 
@@ -58,18 +59,22 @@ def assignment_upper_bound(scores: Tensor) -> Tensor:
 
 
 def _exact_values(scores: np.ndarray) -> np.ndarray:
-    """Optimal assignment value of each ``(S, S)`` matrix in ``scores`` (scipy, maximising)."""
-    cols = np.empty(scores.shape[:2], dtype=np.intp)
-    for b, matrix in enumerate(scores):
-        cols[b] = linear_sum_assignment(matrix, maximize=True)[1]
-    return np.take_along_axis(scores, cols[:, :, None], axis=2).sum(axis=(1, 2))
+    """Optimal assignment value of each ``(S, S)`` matrix in ``scores`` (maximising).
+
+    numba's Jonker-Volgenant solver (:mod:`~lightning_rsm.functional.lap`), or scipy's
+    ``linear_sum_assignment`` when numba is not importable.
+    """
+    return _cold_values(scores)
 
 
 def match_exact(scores: Tensor) -> MatchResult:
-    """Optimal assignment of each score matrix with scipy's Jonker-Volgenant solver.
+    """Optimal assignment of each score matrix with a Jonker-Volgenant solver.
 
-    .. note:: The solve runs on CPU (scipy releases the GIL, so several threads can solve
-        different blocks at once); the result is returned on the input's device.
+    .. note:: The solve runs on CPU, compiled with numba
+        (:func:`~lightning_rsm.functional.lap.linear_assignment_batch`), or with scipy's
+        ``linear_sum_assignment`` when numba is not importable; both release the GIL, so
+        several threads can solve different blocks at once. The result is returned on the
+        input's device.
 
     Args:
         scores: tensor of shape ``(B, S, S)``.

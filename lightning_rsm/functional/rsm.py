@@ -37,6 +37,7 @@ from lightning_rsm.functional.matching import (
 )
 from lightning_rsm.functional.options import check_positive_int, check_rsm_options
 from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
+from lightning_rsm.functional.warm_start import AssignmentCache
 
 
 def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> MatchResult:
@@ -46,10 +47,22 @@ def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float)
     return value, upper
 
 
-# name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper)
+def _match_exact(scores: Tensor, options: dict) -> MatchResult:
+    """Exact values; warm-started from (and stored into) ``options["warm_start"]`` if given."""
+    cache: AssignmentCache | None = options.get("warm_start")
+    if cache is None:
+        return match_exact(scores)
+    # float32 scores go to the solver as they are (it computes in float64): no float64 copy
+    values = torch.from_numpy(cache._solve(scores.cpu().numpy(), options["block"]))
+    values = values.to(scores.device)
+    return values, values.clone()
+
+
+# name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper);
+# options hold the keyword options of semantic_rsm and the block's segments ("block")
 _MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], MatchResult]] = {
     "auction": lambda scores, nx, ny, opts: _match_auction(scores, nx, ny, opts["tol"]),
-    "exact": lambda scores, nx, ny, opts: match_exact(scores),
+    "exact": lambda scores, nx, ny, opts: _match_exact(scores, opts),
     "greedy": lambda scores, nx, ny, opts: match_greedy(scores),
     "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"]),
 }
@@ -145,10 +158,15 @@ def _solve_block(
 ) -> tuple[list[Segment], Tensor, Tensor]:
     """Form the block's score matrices with one matmul per row segment and solve them."""
     with torch.no_grad():
-        scores = torch.cat([torch.matmul(xs[i], ys[j0:j1].transpose(1, 2)) for i, j0, j1 in block])
+        # each segment's products go straight into the block's tensor: no copy by torch.cat
+        scores = xs.new_empty(sum(j1 - j0 for _, j0, j1 in block), xs.shape[1], ys.shape[1])
+        start = 0
+        for i, j0, j1 in block:
+            torch.matmul(xs[i], ys[j0:j1].transpose(1, 2), out=scores[start : start + j1 - j0])
+            start += j1 - j0
         nx = torch.cat([norms_x[i].expand(j1 - j0, -1) for i, j0, j1 in block])
         ny = torch.cat([norms_y[j0:j1] for _, j0, j1 in block])
-        value, upper = solve(scores, nx, ny, options)
+        value, upper = solve(scores, nx, ny, {**options, "block": block})
     return block, value, upper
 
 
@@ -364,6 +382,7 @@ def semantic_rsm(
     progress: bool | str = False,
     return_gap: bool = False,
     distributed: bool = False,
+    warm_start: AssignmentCache | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -400,6 +419,10 @@ def semantic_rsm(
             **every rank must call with the same inputs**, and if solving fails on one rank,
             every rank raises. ``False`` (default) computes everything in this process and
             runs no collective, so it is safe inside rank-zero-only code.
+        warm_start: an :class:`~lightning_rsm.functional.AssignmentCache` to start each pair's
+            exact solve from its solution in the previous call with this cache and store the
+            new one: the same (exact) RSM, cheaper when the features changed little, e.g. one
+            cache per monitored layer, evaluated every epoch. Only ``matcher="exact"`` uses it.
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -408,6 +431,7 @@ def semantic_rsm(
 
     Raises:
         TypeError: If ``x`` or ``y`` is not a real tensor.
+        TypeError: If ``warm_start`` is not an ``AssignmentCache`` or None.
         ValueError: If a name is unknown, ``x`` has another number of dimensions, fewer than 2
             samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ in S or C.
 
@@ -423,9 +447,18 @@ def semantic_rsm(
     check_positive_int(num_workers, "num_workers", optional=True)
     if not isinstance(distributed, bool):
         raise TypeError(f"Expected `distributed` to be a bool, but got {distributed!r}.")
+    if warm_start is not None and not isinstance(warm_start, AssignmentCache):
+        raise TypeError(
+            "Expected `warm_start` to be an AssignmentCache or None, "
+            f"but got {type(warm_start).__name__}."
+        )
     _check_pair(x, y)
     xs, ys = _prepare(x, y, max_positions)
     symmetric = y is None
+    if matcher != "exact":
+        warm_start = None
+    elif warm_start is not None:
+        warm_start._bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
     sq_x = _squared_norms(xs)
     sq_y = sq_x if symmetric else _squared_norms(ys)
     lower, upper = _assignment_bounds(
@@ -433,7 +466,7 @@ def semantic_rsm(
         ys,
         symmetric,
         matcher,
-        {"window": window, "tol": tol},
+        {"window": window, "tol": tol, "warm_start": warm_start},
         block_size,
         num_workers,
         progress,

@@ -1,0 +1,305 @@
+"""The numba LAP solver (cold and warm) and the warm-start cache of semantic_rsm."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from lightning_rsm.functional import (
+    AssignmentCache,
+    lap,
+    linear_assignment_batch,
+    match_exact,
+    semantic_rsm,
+)
+
+needs_numba = pytest.mark.skipif(not lap._HAVE_NUMBA, reason="numba is not importable")
+
+
+def _problems(kind: str, batch: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "normal":
+        return rng.standard_normal((batch, size, size))
+    if kind == "integer":  # many ties
+        return rng.integers(0, 3, (batch, size, size)).astype(np.float64)
+    if kind == "relu":  # sparse, many zero entries
+        return np.maximum(rng.standard_normal((batch, size, size)), 0.0)
+    if kind == "zeros":
+        return np.zeros((batch, size, size))
+    if kind == "low_rank":  # scores of non-negative concept vectors, as in a trained CNN
+        a = np.maximum(rng.standard_normal((batch, size, 3)), 0.0)
+        b = np.maximum(rng.standard_normal((batch, size, 3)), 0.0)
+        return 1e3 * a @ b.transpose(0, 2, 1)
+    raise AssertionError(kind)
+
+
+def _scipy_values(scores: np.ndarray) -> np.ndarray:
+    return np.array([m[linear_sum_assignment(m, maximize=True)].sum() for m in scores])
+
+
+def _check_optimal(scores: np.ndarray, result) -> None:
+    """Permutations whose value is reported and equals scipy's optimum."""
+    size = scores.shape[1]
+    assert (np.sort(result.assignment, axis=1) == np.arange(size)).all()
+    own = np.take_along_axis(scores, result.assignment[:, :, None], axis=2).sum(axis=(1, 2))
+    scale = 1e-12 * np.maximum(1.0, np.abs(scores).max(axis=(1, 2)) * size)
+    np.testing.assert_allclose(result.value, own, rtol=0, atol=scale.max())
+    assert (np.abs(result.value - _scipy_values(scores)) <= scale).all()
+
+
+KINDS = ("normal", "integer", "relu", "zeros", "low_rank")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 16, 40])
+def test_cold_matches_scipy(kind, size):
+    scores = _problems(kind, 40, size, np.random.default_rng(size))
+    result = linear_assignment_batch(scores)
+    _check_optimal(scores, result)
+    # the duals certify it: u_i = min_j (c_ij - v_j) is feasible, and assigned edges are tight
+    cost = -scores
+    reduced = cost - result.duals[:, None, :]
+    reduced -= reduced.min(axis=2, keepdims=True)
+    tight = np.take_along_axis(reduced, result.assignment[:, :, None], axis=2)
+    assert tight.max() <= 1e-12 * max(1.0, np.abs(scores).max())
+    assert (result.rows[:, 0] == size).all()
+
+
+@needs_numba
+@pytest.mark.parametrize("size", range(1, 7))
+def test_brute_force(size):
+    rng = np.random.default_rng(10 + size)
+    scores = np.concatenate([_problems(kind, 4, size, rng) for kind in KINDS])
+    perms = np.array(list(itertools.permutations(range(size))))
+    best = scores[:, np.arange(size), perms].sum(axis=2).max(axis=1)
+    result = linear_assignment_batch(scores)
+    np.testing.assert_allclose(result.value, best, rtol=1e-12, atol=1e-9)
+    # warm-started from the solution of a quite different problem: still the brute-force optimum
+    after = scores + rng.standard_normal(scores.shape)
+    warm = linear_assignment_batch(after, assignment=result.assignment, duals=result.duals)
+    best = after[:, np.arange(size), perms].sum(axis=2).max(axis=1)
+    np.testing.assert_allclose(warm.value, best, rtol=1e-12, atol=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-3, 1.0])
+def test_warm_start_from_perturbed_problem_is_exact(kind, noise):
+    rng = np.random.default_rng(1)
+    before = _problems(kind, 40, 24, rng)
+    after = before + noise * np.abs(before).max() * rng.standard_normal(before.shape)
+    first = linear_assignment_batch(before)
+    warm = linear_assignment_batch(after, assignment=first.assignment, duals=first.duals)
+    _check_optimal(after, warm)
+    if noise == 0.0:  # nothing changed: every row is kept, nothing is re-solved
+        assert (warm.rows == 0).all()
+
+
+@needs_numba
+def test_warm_start_saves_work_on_small_drift():
+    rng = np.random.default_rng(2)
+    before = rng.standard_normal((200, 36, 36))
+    after = before + 1e-3 * rng.standard_normal(before.shape)
+    first = linear_assignment_batch(before)
+    warm = linear_assignment_batch(after, assignment=first.assignment, duals=first.duals)
+    cold = linear_assignment_batch(after)
+    assert warm.rows[:, 1].sum() < cold.rows[:, 1].sum() / 4
+    np.testing.assert_allclose(warm.value, cold.value, rtol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "duals",
+    [
+        lambda rng, shape: 1e6 * rng.standard_normal(shape),
+        lambda rng, shape: np.full(shape, np.nan),
+        lambda rng, shape: np.where(rng.random(shape) < 0.5, np.inf, 0.0),
+        lambda rng, shape: 1e300 * rng.standard_normal(shape),
+        lambda rng, shape: np.zeros(shape),
+    ],
+)
+def test_warm_start_from_garbage_is_exact(duals):
+    rng = np.random.default_rng(3)
+    scores = _problems("normal", 30, 12, rng)
+    assignment = rng.integers(-5, 20, scores.shape[:2])  # out of range and repeated columns
+    result = linear_assignment_batch(
+        scores, assignment=assignment, duals=duals(rng, scores.shape[:2])
+    )
+    _check_optimal(scores, result)
+
+
+def test_scipy_backend_gives_the_same_values():
+    scores = _problems("relu", 20, 9, np.random.default_rng(4))
+    result = linear_assignment_batch(scores, backend="scipy")
+    _check_optimal(scores, result)
+    assert np.isnan(result.duals).all()
+    if lap._HAVE_NUMBA:
+        np.testing.assert_allclose(
+            result.value, linear_assignment_batch(scores).value, rtol=1e-12, atol=1e-12
+        )
+
+
+def test_torch_input_and_integer_scores():
+    scores = torch.tensor([[[3, 1], [2, 0]]])
+    assert linear_assignment_batch(scores).value.tolist() == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(scores=np.zeros((3, 4))), ValueError, r"\(B, S, S\), but got shape \(3, 4\)"),
+        (dict(scores=np.zeros((2, 3, 4))), ValueError, r"but got shape \(2, 3, 4\)"),
+        (dict(scores=np.zeros((2, 0, 0))), ValueError, r"but got shape \(2, 0, 0\)"),
+        (dict(scores=np.zeros((1, 2, 2), dtype=complex)), TypeError, "real dtype"),
+        (dict(scores=np.full((1, 2, 2), np.nan)), ValueError, "4 NaN/Inf"),
+        (dict(scores=np.zeros((1, 2, 2)), duals=np.zeros((1, 2))), ValueError, "assignment"),
+        (
+            dict(scores=np.zeros((1, 2, 2)), duals=np.zeros((1, 3)), assignment=np.zeros((1, 2))),
+            ValueError,
+            r"`duals` of shape \(1, 2\), but got shape \(1, 3\)",
+        ),
+        (dict(scores=np.zeros((1, 2, 2)), backend="lapjv"), ValueError, "'lapjv'"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        linear_assignment_batch(**kwargs)
+
+
+@needs_numba
+def test_non_finite_scores_through_the_cache_path_raise():
+    scores = np.zeros((2, 3, 3), dtype=np.float32)
+    scores[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match="1 matrices with NaN/Inf"):
+        lap._solve_into(
+            scores, np.arange(2), np.zeros(2, bool), np.zeros((2, 3), np.uint8), np.zeros((2, 3))
+        )
+
+
+# --- AssignmentCache and semantic_rsm(warm_start=...) -----------------------------------------
+
+
+def _drifting(steps: int, shape: tuple[int, ...], rate: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen)
+    for _ in range(steps):
+        yield x.relu()
+        x = x + rate * torch.randn(*shape, generator=gen)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_warm_rsm_equals_cold_rsm_across_drift(num_workers):
+    cache = AssignmentCache()
+    for step, x in enumerate(_drifting(4, (12, 8, 4, 4), 0.02)):
+        warm = semantic_rsm(x, warm_start=cache, block_size=7, num_workers=num_workers)
+        cold = semantic_rsm(x, block_size=7, num_workers=num_workers)
+        assert (warm - cold).abs().max() <= 1e-6
+        assert cache.stats["pairs"] == 66
+        assert cache.stats["warm_pairs"] == (0 if step == 0 else 66) * lap._HAVE_NUMBA
+    if lap._HAVE_NUMBA:  # the drift is small: most rows keep their assignment
+        assert cache.stats["rows_reassigned"] < cache.stats["rows"] / 2
+
+
+def test_warm_rsm_with_second_set_and_kernels():
+    cache = AssignmentCache()
+    gen = torch.Generator().manual_seed(5)
+    y = torch.rand(5, 6, 9, generator=gen)
+    for x in _drifting(3, (4, 6, 9), 0.05, seed=6):
+        for kernel in ("cosine", "inner", "rbf"):
+            warm = semantic_rsm(x, y, kernel=kernel, warm_start=cache)
+            cold = semantic_rsm(x, y, kernel=kernel)
+            torch.testing.assert_close(warm, cold, rtol=0, atol=1e-6)
+    assert cache.nbytes == 4 * 5 * AssignmentCache.bytes_per_pair(6)
+
+
+def test_cache_is_emptied_when_the_shapes_change():
+    cache = AssignmentCache()
+    x = torch.rand(6, 4, 9, generator=torch.Generator().manual_seed(7))
+    semantic_rsm(x, warm_start=cache)
+    semantic_rsm(x[:5], warm_start=cache)  # N changed
+    assert cache.stats["warm_pairs"] == 0
+    assert cache.nbytes == 10 * AssignmentCache.bytes_per_pair(4)
+    semantic_rsm(x[:5, :3], warm_start=cache)  # S changed
+    assert cache.stats["warm_pairs"] == 0
+    semantic_rsm(x[:5, :3], x[:5, :3], warm_start=cache)  # symmetric -> two sets
+    assert cache.stats["warm_pairs"] == 0
+    assert cache.stats["pairs"] == 25
+    torch.testing.assert_close(
+        semantic_rsm(x[:5, :3], warm_start=cache), semantic_rsm(x[:5, :3]), rtol=0, atol=1e-6
+    )
+    cache.clear()
+    assert cache.nbytes == 0
+
+
+@needs_numba
+def test_cap_solves_pairs_beyond_it_cold():
+    per_pair = AssignmentCache.bytes_per_pair(16)
+    cache = AssignmentCache(max_bytes=10 * per_pair + per_pair - 1)  # room for 10 pairs
+    xs = list(_drifting(3, (8, 16, 5), 0.01, seed=8))
+    for step, x in enumerate(xs):
+        warm = semantic_rsm(x, warm_start=cache, block_size=4)
+        torch.testing.assert_close(warm, semantic_rsm(x), rtol=0, atol=1e-6)
+        assert cache.stats["warm_pairs"] == (0 if step == 0 else 10)
+        assert cache.stats["pairs"] == 28
+    assert cache.nbytes <= cache.max_bytes
+    assert AssignmentCache(max_bytes=0)._bind(8, 8, 16, True) is None
+
+
+def test_bytes_per_pair():
+    assert AssignmentCache.bytes_per_pair(64) == 64 * (1 + 8) + 1
+    assert AssignmentCache.bytes_per_pair(256) == 256 * 9 + 1
+    assert AssignmentCache.bytes_per_pair(257) == 257 * (2 + 8) + 1
+
+
+def test_large_positions_use_two_byte_assignments():
+    cache = AssignmentCache()
+    for x in _drifting(2, (3, 260, 2), 0.01, seed=9):
+        torch.testing.assert_close(
+            semantic_rsm(x, warm_start=cache), semantic_rsm(x), rtol=0, atol=1e-6
+        )
+    assert cache._assign.dtype == np.int16
+
+
+def test_other_matchers_ignore_the_cache():
+    cache = AssignmentCache()
+    x = torch.rand(5, 4, 9, generator=torch.Generator().manual_seed(10))
+    semantic_rsm(x, matcher="greedy", warm_start=cache)
+    assert cache.stats["pairs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(max_bytes=-1), ValueError, "non-negative int or None, but got -1"),
+        (dict(max_bytes=1.5), ValueError, "but got 1.5"),
+        (dict(max_bytes=True), ValueError, "but got True"),
+    ],
+)
+def test_cache_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AssignmentCache(**kwargs)
+
+
+def test_semantic_rsm_rejects_a_wrong_warm_start():
+    with pytest.raises(TypeError, match="AssignmentCache or None, but got dict"):
+        semantic_rsm(torch.rand(3, 4, 5), warm_start={})
+
+
+def test_scipy_fallback_without_numba(monkeypatch):
+    xs = list(_drifting(3, (7, 9, 6), 0.02, seed=11))
+    expected = [semantic_rsm(x) for x in xs]
+    monkeypatch.setattr(lap, "_HAVE_NUMBA", False)
+    with pytest.raises(ValueError, match="numba to be importable"):
+        linear_assignment_batch(np.zeros((1, 2, 2)), backend="numba")
+    cache = AssignmentCache()
+    for x, cold in zip(xs, expected, strict=True):
+        torch.testing.assert_close(semantic_rsm(x, warm_start=cache), cold, rtol=0, atol=1e-6)
+        assert cache.stats["warm_pairs"] == 0  # scipy has no duals: every solve is cold
+        assert cache.stats["rows_reassigned"] == cache.stats["rows"]
+    scores = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(12))
+    value = match_exact(scores)[0].numpy()
+    np.testing.assert_allclose(value, _scipy_values(scores.double().numpy()), rtol=1e-12)
