@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import validation
+from lightning_rsm.callbacks.background import Evaluation, Outcome, Rsms
 from lightning_rsm.callbacks.probe import Probe, capture_layers, read_probe, untouched
 from lightning_rsm.callbacks.ranks import run_on_every_rank
 from lightning_rsm.functional import (
@@ -22,14 +27,13 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
 )
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
+from lightning_rsm.functional.rsm import _TORCH_MATCHERS
 from lightning_rsm.image_logging import log_images
 from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting, rank_zero_warn
 from lightning_rsm.plotting import default_colour_range, rsm_images
 
 if TYPE_CHECKING:  # annotations only: the class serves lightning.pytorch too
     import pytorch_lightning as pl
-
-Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
 
 
 class RSMMonitor(*CALLBACK_BASES):
@@ -46,6 +50,33 @@ class RSMMonitor(*CALLBACK_BASES):
     layer RSA matrix, written by rank 0. Under DDP the ranks share the RSMs' work; if any rank
     fails in an evaluation, every rank skips it with the same warning and training goes on.
 
+    With ``background=True`` only the probe forward runs in the hook (it needs the weights of
+    that moment); the features are copied off and the RSMs, scores and images are computed by
+    a worker thread while training goes on, with the same numbers as ``background=False``, bit
+    for bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP
+    equals one process). Results are logged from the training thread, each with the epoch and
+    step at which its features were taken: history rows, images, and scalars through
+    ``logger.log_metrics(..., step=...)`` (plus ``epoch``) as soon as they are picked up (after
+    any training batch). At most one evaluation is pending: a due one first waits for the
+    last, so training waits only when the RSMs take longer than ``every_n_epochs`` epochs.
+    **Lateness**: scores reach ``pl_module.log`` (``ModelCheckpoint``, ``EarlyStopping``,
+    ``trainer.callback_metrics``) at the first epoch end at which they are ready, usually the
+    next epoch's and at the latest the next evaluation's, so a callback monitoring them at
+    epoch ``e`` sees an earlier evaluation's value. Two evaluations are waited for in their own
+    hook: the first of a fit when a callback monitors a ``rsm/`` key (so that key exists at its
+    first check) and that of the last epoch (``max_epochs``, ``max_steps``, ``should_stop``
+    already set). A fit stopped otherwise waits at its end and logs the rest to the history and
+    the loggers, not to ``pl_module.log`` (Lightning allows no logging there). A checkpoint
+    saved while an evaluation runs on features of the checkpoint's own step stores where it
+    was taken, not the features; at resume the probe is run again on the restored weights
+    (checked against a fingerprint; a mismatch is a warning) and the evaluation computed then.
+    An exception in training stops the worker (a running evaluation ends unwaited and is
+    dropped); a failure on the worker is a warning. Under DDP the worker's collectives run in
+    a gloo process group of its own, created by every rank at setup. On CUDA the ``"auction"``
+    and ``"greedy"`` matchers run on the device in a stream of the worker's own; the scipy
+    matchers work on CPU copies (whose float32 matmuls may round differently from the
+    synchronous path's on the GPU). No progress bar is shown.
+
     Logged scalars (``<layer>`` as in ``model.named_modules()``, ``<kind>`` is ``semantic`` or,
     with ``baseline=True``, ``baseline``; ``<score>`` a key of ``rsm_scores``: ``map``,
     ``precision@1``, ``recall@1`` with labels, ``f1@1`` with multi-hot labels,
@@ -56,7 +87,8 @@ class RSMMonitor(*CALLBACK_BASES):
     ``rsm/<layer>/rsa_to_previous``      RSA of the semantic RSM with the previous evaluation's
                                          (1 = unchanged); from the second evaluation on
     ``rsm/<layer>/vs_<name>``            RSA of the semantic RSM with the target RSM ``<name>``
-    ``rsm/time_s``                       seconds the evaluation took
+    ``rsm/time_s``                       seconds the evaluation took (in the background: the
+                                         capture plus the worker's computation, not the wait)
     ===================================  =========================================================
 
     Images: ``rsm/<layer>/<kind>/heatmap`` and ``rsm/layer_rsa`` (layers in the order given).
@@ -88,9 +120,16 @@ class RSMMonitor(*CALLBACK_BASES):
         log_images: send heatmaps to the Trainer's loggers.
         heatmap_range: fixed ``(vmin, vmax)`` of the heatmaps; by default
             :func:`~lightning_rsm.plotting.default_colour_range` of the first evaluation.
+        background: compute the RSMs, scores and images on a worker thread while training
+            goes on (see above).
+        num_workers: solver threads of :func:`~lightning_rsm.functional.semantic_rsm`. Default
+            every core when synchronous, 1 with ``background=True`` (the worker takes one core
+            from training; raise it where cores are idle, e.g. beside a GPU); always 1 for a
+            torch matcher on CUDA in the background.
 
     Attributes:
-        history: one dict per evaluation: ``epoch``, ``step`` and the logged scalars.
+        history: one dict per evaluation: ``epoch``, ``step`` (where its features were taken)
+            and the logged scalars, in the order of the evaluations.
         layer_rsa: the last evaluation's layer x layer RSA matrix ``(L, L)``.
 
     Raises:
@@ -142,6 +181,8 @@ class RSMMonitor(*CALLBACK_BASES):
         method: str = "spearman",
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
+        background: bool = False,
+        num_workers: int | None = None,
     ) -> None:
         validation.check_layers(layers)
         validation.check_options(
@@ -155,6 +196,7 @@ class RSMMonitor(*CALLBACK_BASES):
             batch_size=batch_size,
             method=method,
         )
+        validation.check_background(background, num_workers)
         self.heatmap_range = validation.check_heatmap_range(heatmap_range)
         validation.check_logits_fn(logits_fn)
         validation.check_probe(probe)
@@ -174,6 +216,8 @@ class RSMMonitor(*CALLBACK_BASES):
         self.logits_fn = logits_fn
         self.method = method
         self.log_images = log_images
+        self.background = background
+        self.num_workers = num_workers
 
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
@@ -184,6 +228,11 @@ class RSMMonitor(*CALLBACK_BASES):
         self._labels: Tensor | None = None
         self._use_logits = True
         self._warnings = WarningCache()
+        self._background: bg.Background | None = None
+        self._trainer: pl.Trainer | None = None  # while a background worker runs: checkpoints
+        self._solver_threads = num_workers
+        self._unlogged: dict[str, float] | None = None  # scores not yet given to pl_module.log
+        self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
 
     @property
     @override
@@ -193,25 +242,53 @@ class RSMMonitor(*CALLBACK_BASES):
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._start_background(trainer)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare_probe(trainer, pl_module)
+        self._recapture_pending(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        self._deliver_finished(trainer)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _validation_ends_the_epoch(trainer):
-            self._evaluate_if_due(trainer, pl_module)
+            self._end_epoch(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate_if_due(trainer, pl_module)
+        self._end_epoch(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._deliver_finished(trainer, wait=True)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_background()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_background()
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        pending = self._settle_for_checkpoint()
         return {
             "history": [dict(row) for row in self.history],
             "last_epoch": self._last_epoch,
             "previous": dict(self._previous),
             "ranges": {layer: list(r) for layer, r in self._ranges.items()},
+            "pending": pending,
         }
 
     @override
@@ -220,6 +297,7 @@ class RSMMonitor(*CALLBACK_BASES):
         self._last_epoch = state_dict["last_epoch"]
         self._previous = dict(state_dict["previous"])
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
+        self._to_recapture = [dict(p) for p in state_dict.get("pending", [])]
 
     # ------------------------------------------------------------------ fit start
 
@@ -249,50 +327,96 @@ class RSMMonitor(*CALLBACK_BASES):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate if due, then give the newest scores to ``pl_module.log``."""
+        self._evaluate_if_due(trainer, pl_module)
+        self._log_scores(trainer, pl_module)
+
     def _evaluate_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch == self._last_epoch or (epoch + 1) % self.every_n_epochs:
             return
         self._last_epoch = epoch
+        self._deliver_finished(trainer, wait=True)  # at most one evaluation pending
         with untouched(pl_module):
             self._evaluate(trainer, pl_module)
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Capture, then the RSMs (shared among ranks), then scores; each step ends with the
-        ranks agreeing that it worked, so a fault on one rank never strands the others."""
+        """Capture here, in the training loop; the RSMs, scores and images here or on the
+        background worker."""
+        evaluation = self._capture_evaluation(trainer, pl_module)
+        if evaluation is not None:
+            self._hand_off(trainer, evaluation)
+
+    def _capture_evaluation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> Evaluation | None:
+        """The probe's features now (rank 0's under DDP); None on every rank if one failed."""
         start = time.perf_counter()
         captured = self._attempt(trainer, lambda: self._capture(trainer, pl_module, self._inputs))
         if captured is None:
-            return
-        distributed = _is_distributed(trainer)
-        if distributed:  # ranks' eval-mode buffers (batch norm) differ: score rank 0's view
+            return None
+        if _is_distributed(trainer):  # ranks' eval-mode buffers (batch norm) differ: score rank 0's
             captured = trainer.strategy.broadcast(captured, src=0)
         features, logits = captured
+        seconds = time.perf_counter() - start
+        return Evaluation(trainer.current_epoch, trainer.global_step, features, logits, seconds)
+
+    def _hand_off(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
+        """Compute and deliver now, or start the computation on the background worker."""
+        render = self.log_images and trainer.is_global_zero
+        if self._background is not None:
+            self._background.submit(
+                evaluation, lambda e, distributed: self._compute(e, distributed, render)
+            )
+            return
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        semantic = self._attempt(
-            trainer, lambda: self._semantic_rsms(features, distributed, progress)
+        outcome = self._compute(evaluation, _is_distributed(trainer), render, progress)
+        self._deliver(trainer, outcome)
+
+    def _compute(
+        self,
+        evaluation: Evaluation,
+        distributed: bool | dist.ProcessGroup,
+        render: bool,
+        progress: bool = False,
+    ) -> Outcome:
+        """The RSMs (shared among ranks), then scores, then images (``render``); each step ends
+        with the ranks agreeing that it worked, so a fault on one rank never strands the
+        others. Runs no Lightning code, so that it can run on the background worker."""
+        start = time.perf_counter()
+        features, logits = evaluation.features, evaluation.logits
+        outcome = Outcome(evaluation.epoch, evaluation.step)
+        semantic, outcome.failure = run_on_every_rank(
+            lambda: self._semantic_rsms(features, distributed, progress), distributed=distributed
         )
-        if semantic is None:
-            return
-        scored = self._attempt(trainer, lambda: self._score(features, semantic, logits))
-        if scored is None:
-            return
-        scores, rsms, layer_rsa = scored
-        scores["rsm/time_s"] = time.perf_counter() - start
-        self._log(trainer, pl_module, scores, rsms, layer_rsa)
+        if outcome.failure is not None:
+            return outcome
+        scored, outcome.failure = run_on_every_rank(
+            lambda: self._score(features, semantic, logits), distributed=distributed
+        )
+        if outcome.failure is not None:
+            return outcome
+        outcome.scores, outcome.rsms, outcome.layer_rsa = scored
+        outcome.scores["rsm/time_s"] = evaluation.seconds + time.perf_counter() - start
+        if render:
+            outcome.images, outcome.ranges = self._render(outcome.rsms, outcome.layer_rsa)
+        return outcome
 
     def _attempt(self, trainer: pl.Trainer, step: Callable[[], Any]) -> Any:
         """Run one step of an evaluation on every rank; None on every rank if any rank failed."""
-        distributed = _is_distributed(trainer)
-        result, failure = run_on_every_rank(step, distributed=distributed)
+        result, failure = run_on_every_rank(step, distributed=_is_distributed(trainer))
         if failure is not None:
-            rank, error = failure
-            where = f" on rank {rank}, so every rank skipped it" if distributed else ""
-            rank_zero_warn(
-                f"`RSMMonitor` evaluation at epoch {trainer.current_epoch} failed and was "
-                f"skipped{where}; training goes on. {error}"
-            )
+            self._warn_failed(trainer, trainer.current_epoch, failure)
         return result
+
+    def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:
+        rank, error = failure
+        where = f" on rank {rank}, so every rank skipped it" if _is_distributed(trainer) else ""
+        rank_zero_warn(
+            f"`RSMMonitor` evaluation at epoch {epoch} failed and was skipped{where}; training "
+            f"goes on. {error}"
+        )
 
     def _capture(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor
@@ -309,7 +433,7 @@ class RSMMonitor(*CALLBACK_BASES):
         )
 
     def _semantic_rsms(
-        self, features: Mapping[str, Tensor], distributed: bool, progress: bool
+        self, features: Mapping[str, Tensor], distributed: bool | dist.ProcessGroup, progress: bool
     ) -> dict[str, Tensor]:
         """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``."""
         return {
@@ -320,6 +444,7 @@ class RSMMonitor(*CALLBACK_BASES):
                 sigma=self.sigma,
                 window=self.window,
                 tol=self.tol,
+                num_workers=self._solver_threads,
                 distributed=distributed,
                 progress=progress and f"RSMMonitor {layer}",
             )
@@ -359,34 +484,117 @@ class RSMMonitor(*CALLBACK_BASES):
 
     # ------------------------------------------------------------------ logging
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        scores: dict[str, float],
-        rsms: Rsms,
-        layer_rsa: Tensor,
-    ) -> None:
-        for name, value in scores.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **scores})
-        self._previous = {layer: kinds["semantic"] for layer, kinds in rsms.items()}
-        self.layer_rsa = layer_rsa
-        if self.log_images and trainer.is_global_zero:
-            self._log_images(trainer, rsms)
-
-    def _log_images(self, trainer: pl.Trainer, rsms: Rsms) -> None:
+    def _render(
+        self, rsms: Rsms, layer_rsa: Tensor | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
+        """The heatmaps and the colour ranges they use (kept by :meth:`_deliver`)."""
         ranges = {layer: self._colour_range(layer, kinds) for layer, kinds in rsms.items()}
-        images = rsm_images(rsms, self._labels, ranges, self.layer_rsa)
-        log_images(trainer.loggers, images, trainer.global_step, warn_once=self._warnings.warn)
+        return rsm_images(rsms, self._labels, ranges, layer_rsa), ranges
 
     def _colour_range(self, layer: str, kinds: Mapping[str, Tensor]) -> tuple[float, float]:
         """``heatmap_range``, or the layer's range fixed at its first evaluation."""
         if self.heatmap_range is not None:
             return self.heatmap_range
-        if layer not in self._ranges:
-            self._ranges[layer] = default_colour_range(self.kernel, list(kinds.values()))
-        return self._ranges[layer]
+        if layer in self._ranges:
+            return self._ranges[layer]
+        return default_colour_range(self.kernel, list(kinds.values()))
+
+    def _deliver(self, trainer: pl.Trainer, outcome: Outcome) -> None:
+        """Record an outcome on the training thread: a warning, or the history row, the RSMs
+        for the next drift, images (and, from the background, scalars) to the loggers at the
+        evaluation's step; ``pl_module.log`` follows at an epoch end (:meth:`_log_scores`)."""
+        if outcome.failure is not None:
+            self._warn_failed(trainer, outcome.epoch, outcome.failure)
+            return
+        self.history.append({"epoch": outcome.epoch, "step": outcome.step, **outcome.scores})
+        self._previous = {layer: kinds["semantic"] for layer, kinds in outcome.rsms.items()}
+        self.layer_rsa = outcome.layer_rsa
+        if self.heatmap_range is None:
+            self._ranges = {**outcome.ranges, **self._ranges}
+        if outcome.images:
+            log_images(trainer.loggers, outcome.images, outcome.step, warn_once=self._warnings.warn)
+        if self._background is not None and trainer.is_global_zero:
+            scalars = {"epoch": outcome.epoch, **outcome.scores}
+            bg.log_scalars(trainer.loggers, scalars, outcome.step)
+        self._unlogged = outcome.scores
+
+    def _log_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``pl_module.log`` the newest scores not yet logged (first delivering a finished
+        background evaluation, waited for when the fit ends or a monitored key is missing);
+        the background's scalars reached the loggers already, at their own step."""
+        if self._background is not None:
+            wait = bg.ends_fit(trainer) or bg.misses_monitored_key(trainer)
+            self._deliver_finished(trainer, wait=wait)
+        if self._unlogged is None:
+            return
+        scores, self._unlogged = self._unlogged, None
+        for name, value in scores.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1,
+                          logger=self._background is None)  # fmt: skip
+
+    # ------------------------------------------------------------------ background
+
+    def _start_background(self, trainer: pl.Trainer) -> None:
+        """With ``background=True``: the worker (and its process group: every rank is here)."""
+        self._stop_background()
+        if not self.background:
+            return
+        device = trainer.strategy.root_device
+        keep_on_cuda = device.type == "cuda" and self.matcher in _TORCH_MATCHERS
+        # one solver thread by default; one on CUDA, where the worker's stream is not shared
+        self._solver_threads = 1 if keep_on_cuda else self.num_workers or 1
+        self._trainer = trainer
+        self._background = bg.Background(
+            distributed=_is_distributed(trainer),
+            threads=torch.get_num_threads(),  # the same intra-op threads: the same numbers
+            keep_on_cuda=keep_on_cuda,
+        )
+
+    def _stop_background(self) -> None:
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+        self._trainer = None
+
+    def _deliver_finished(self, trainer: pl.Trainer, wait: bool = False) -> None:
+        """Deliver the background evaluation if it has finished (with ``wait``, once it has)."""
+        if self._background is None:
+            return
+        outcome = self._background.finished(wait)
+        if outcome is not None:
+            self._deliver(trainer, outcome)
+
+    def _settle_for_checkpoint(self) -> list[dict[str, Any]]:
+        """Before a checkpoint: deliver a finished evaluation; keep one still running on features
+        of the checkpoint's step as a marker, re-captured from the checkpoint's weights at
+        resume (:meth:`_recapture_pending`); wait for one taken earlier."""
+        background = self._background
+        if background is None or background.pending is None:
+            return []
+        pending, trainer = background.pending, self._trainer
+        outcome = background.finished(wait=pending.step != trainer.global_step)
+        if outcome is not None:
+            self._deliver(trainer, outcome)
+            return []
+        return [{"epoch": pending.epoch, "step": pending.step, "fingerprint": pending.fingerprint}]
+
+    def _recapture_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At resume: run the probe again on the restored weights for each evaluation that
+        was pending at the checkpoint, and compute it as if it had been taken then."""
+        markers, self._to_recapture = self._to_recapture, []
+        for marker in markers:
+            with untouched(pl_module):
+                evaluation = self._capture_evaluation(trainer, pl_module)
+            if evaluation is None:
+                continue
+            if bg.fingerprint(evaluation.features) != marker["fingerprint"]:
+                rank_zero_warn(
+                    f"`RSMMonitor`: the probe's features on the checkpoint's weights differ from "
+                    f"those taken at epoch {marker['epoch']} (step {marker['step']}), whose "
+                    "evaluation was pending when the checkpoint was saved; it is computed from "
+                    "the restored weights."
+                )
+            self._hand_off(trainer, replace(evaluation, epoch=marker["epoch"], step=marker["step"]))
 
 
 def _validation_ends_the_epoch(trainer: pl.Trainer) -> bool:
