@@ -356,7 +356,7 @@ class RSMMonitor(*CALLBACK_BASES):
         captured = self._attempt(trainer, lambda: self._capture(trainer, pl_module, self._inputs))
         if captured is None:
             return None
-        if _is_distributed(trainer):  # ranks' eval-mode buffers (batch norm) differ: score rank 0's
+        if _is_distributed(trainer):  # eval-mode buffers (batch norm) differ: score rank 0's view
             captured = trainer.strategy.broadcast(captured, src=0)
         features, logits = captured
         seconds = time.perf_counter() - start
