@@ -245,12 +245,15 @@ class Background:
                                                                    f"{error}"))  # fmt: skip
 
     def close(self) -> None:
-        """Stop the worker without waiting; drop the pending evaluation and the group."""
+        """Stop the worker without waiting and drop the pending evaluation. The group is
+        destroyed only when nothing runs on it (a running evaluation may be inside one of its
+        collectives); otherwise it goes with the default group."""
+        idle = self.pending is None or self.pending.future.done()
         self._worker.stop()
         self.pending = None
-        if self.group is not None:
+        if self.group is not None and idle and dist.is_initialized():
             dist.destroy_process_group(self.group)
-            self.group = None
+        self.group = None
 
 
 def ends_fit(trainer: Any) -> bool:
