@@ -8,7 +8,7 @@ exchange whether it worked, and all of them see the same failure.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -16,13 +16,15 @@ T = TypeVar("T")
 
 
 def run_on_every_rank(
-    step: Callable[[], T], *, distributed: bool
+    step: Callable[[], T], *, distributed: bool | dist.ProcessGroup
 ) -> tuple[T | None, tuple[int, str] | None]:
     """Run ``step``; ``(result, None)`` if it worked on every rank, else ``(None, (rank, why))``.
 
     The failure is the same on every rank: the first failing rank and its error as text. With
-    ``distributed`` every rank of the default process group must call it (it gathers one small
-    object per rank); without, the rank is 0.
+    ``distributed=True`` every rank of the default process group must call it (it gathers one
+    small object per rank); with a ``ProcessGroup``, every rank of that group, and the gather
+    runs in it (a worker thread beside training uses a group of its own); without, the rank
+    is 0.
 
     Example:
         >>> run_on_every_rank(lambda: 1 / 0, distributed=False)
@@ -37,9 +39,15 @@ def run_on_every_rank(
         message = f"{type(error).__name__}: {error}"
     messages: list[str | None] = [message]
     if distributed:
-        messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
+        group = None if isinstance(distributed, bool) else distributed
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, message, group=group)
     failed = [rank for rank, text in enumerate(messages) if text is not None]
     if not failed:
         return result, None
     return None, (failed[0], messages[failed[0]])
+
+
+def is_distributed(trainer: Any) -> bool:
+    """Whether the Trainer runs several processes in an initialised process group."""
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()

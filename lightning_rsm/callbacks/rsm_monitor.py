@@ -2,49 +2,36 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import validation
+from lightning_rsm.callbacks.pipeline import EvaluationPipeline
 from lightning_rsm.callbacks.probe import (
     ForwardFn,
     Picker,
     Probe,
     batch_length,
-    capture_layers,
     read_probe,
     slice_batch,
     untouched,
 )
 from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
-from lightning_rsm.callbacks.ranks import run_on_every_rank
+from lightning_rsm.callbacks.ranks import is_distributed
 from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
-from lightning_rsm.functional import (
-    compare_rsms,
-    jensen_shannon_similarity,
-    rsa_matrix,
-    rsm_scores,
-    semantic_rsm,
-    spatio_semantic_rsm,
-)
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
 from lightning_rsm.functional.representations import TokenGrid
-from lightning_rsm.image_logging import log_images
-from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting, rank_zero_warn
-from lightning_rsm.plotting import default_colour_range, rsm_images
+from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting
 
 if TYPE_CHECKING:  # annotations only: the class serves lightning.pytorch too
     import pytorch_lightning as pl
 
-Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
 
-
-class RSMMonitor(*CALLBACK_BASES):
+class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
     r"""Monitor semantic RSMs of chosen layers on a fixed probe set during training.
 
     On each evaluation (every ``every_n_epochs`` epochs: after the epoch's validation, or after
@@ -63,6 +50,36 @@ class RSMMonitor(*CALLBACK_BASES):
     layer RSA matrix, written by rank 0. Under DDP the ranks share the RSMs' work; if any rank
     fails in an evaluation, every rank skips it with the same warning and training goes on.
 
+    With ``background=True`` only the probe forward runs in the hook (it needs the weights of
+    that moment); the features are copied off and the RSMs, scores and images are computed by
+    a worker thread while training goes on, with the same numbers as ``background=False``, bit
+    for bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP
+    equals one process). Results are logged from the training thread, each with the epoch and
+    step at which its features were taken: history rows, images, and scalars through
+    ``logger.log_metrics(..., step=...)`` (plus ``epoch``) as soon as they are picked up (after
+    any training batch). At most one evaluation is pending: a due one first waits for the
+    last, so training waits only when the RSMs take longer than the interval between two
+    evaluations. **Lateness**: scores reach ``pl_module.log`` (``ModelCheckpoint``,
+    ``EarlyStopping``, ``trainer.callback_metrics``) at the first epoch end at which they are
+    ready (with ``every_n_train_steps`` also at the first training batch end), usually the next
+    epoch's and at the latest the next evaluation's, so a callback monitoring them at epoch
+    ``e`` sees an earlier evaluation's value; with ``every_n_train_steps`` a ``ModelCheckpoint``
+    or ``EarlyStopping`` monitoring an ``rsm/`` key is therefore an error at fit start. Two
+    evaluations are waited for in their own hook: the first of a fit when a callback monitors
+    an ``rsm/`` key (so that key exists at its first check) and that of the last epoch
+    (``max_epochs``, ``max_steps``, ``should_stop`` already set). A fit stopped otherwise waits
+    at its end and logs the rest to the history and the loggers, not to ``pl_module.log``
+    (Lightning allows no logging there). A checkpoint
+    saved while an evaluation runs on features of the checkpoint's own step stores where it
+    was taken, not the features; at resume the probe is run again on the restored weights
+    (checked against a fingerprint; a mismatch is a warning) and the evaluation computed then.
+    An exception in training stops the worker (a running evaluation ends unwaited and is
+    dropped); a failure on the worker is a warning. Under DDP the worker's collectives run in
+    a gloo process group of its own, created by every rank at setup. On CUDA the ``"auction"``
+    and ``"greedy"`` matchers run on the device in a stream of the worker's own; the scipy
+    matchers work on CPU copies (whose float32 matmuls may round differently from the
+    synchronous path's on the GPU). No progress bar is shown.
+
     Logged scalars (``<layer>`` as in ``model.named_modules()``, ``<kind>`` is ``semantic`` or,
     with ``baseline=True``, ``baseline``; ``<score>`` a key of ``rsm_scores``: ``map``,
     ``precision@1``, ``recall@1`` with labels, ``f1@1`` with multi-hot labels,
@@ -73,7 +90,8 @@ class RSMMonitor(*CALLBACK_BASES):
     ``rsm/<layer>/rsa_to_previous``      RSA of the semantic RSM with the previous evaluation's
                                          (1 = unchanged); from the second evaluation on
     ``rsm/<layer>/vs_<name>``            RSA of the semantic RSM with the target RSM ``<name>``
-    ``rsm/time_s``                       seconds the evaluation took
+    ``rsm/time_s``                       seconds the evaluation took (in the background: the
+                                         capture plus the worker's computation, not the wait)
     ===================================  =========================================================
 
     Images: ``rsm/<layer>/<kind>/heatmap`` and ``rsm/layer_rsa`` (layers in the order given).
@@ -130,16 +148,24 @@ class RSMMonitor(*CALLBACK_BASES):
         log_images: send heatmaps to the Trainer's loggers.
         heatmap_range: fixed ``(vmin, vmax)`` of the heatmaps; by default
             :func:`~lightning_rsm.plotting.default_colour_range` of the first evaluation.
+        background: compute the RSMs, scores and images on a worker thread while training
+            goes on (see above).
+        num_workers: solver threads of :func:`~lightning_rsm.functional.semantic_rsm`. Default
+            every core when synchronous, 1 with ``background=True`` (the worker takes one core
+            from training; raise it where cores are idle, e.g. beside a GPU); always 1 for a
+            torch matcher on CUDA in the background.
 
     Attributes:
-        history: one dict per evaluation: ``epoch``, ``step`` and the logged scalars.
+        history: one dict per evaluation: ``epoch``, ``step`` (where its features were taken)
+            and the logged scalars, in the order of the evaluations.
         layer_rsa: the last evaluation's layer x layer RSA matrix ``(L, L)``.
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
             if a layer is not a module of the model, a ``ModelCheckpoint`` or ``EarlyStopping``
-            monitors an ``rsm/`` key at other times than it is logged, or ``probe`` is None and
-            the fit has no validation data.
+            monitors an ``rsm/`` key at other times than it is logged (with ``background=True``
+            and ``every_n_train_steps``: at all), or ``probe`` is None and the fit has no
+            validation data.
         TypeError: If ``probe``, ``targets``, ``logits_fn``, ``input_fn``, ``label_fn`` or
             ``forward_fn`` have the wrong type, a probe batch has a structure they do not
             pick from (the message names it), or labels are not integer class ids or multi-hot
@@ -197,6 +223,8 @@ class RSMMonitor(*CALLBACK_BASES):
         method: str = "spearman",
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
+        background: bool = False,
+        num_workers: int | None = None,
     ) -> None:
         validation.check_layers(layers)
         self._schedule = Schedule.from_options(every_n_epochs, every_n_train_steps)
@@ -212,6 +240,7 @@ class RSMMonitor(*CALLBACK_BASES):
             batch_size=batch_size,
             method=method,
         )
+        validation.check_background(background, num_workers)
         self.heatmap_range = validation.check_heatmap_range(heatmap_range)
         validation.check_logits_fn(logits_fn)
         validation.check_probe(probe, input_fn, label_fn)
@@ -234,6 +263,8 @@ class RSMMonitor(*CALLBACK_BASES):
         self.logits_fn = logits_fn
         self.method = method
         self.log_images = log_images
+        self.background = background
+        self.num_workers = num_workers
 
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
@@ -245,6 +276,11 @@ class RSMMonitor(*CALLBACK_BASES):
         self._labels: Tensor | None = None
         self._use_logits = True
         self._warnings = WarningCache()
+        self._background: bg.Background | None = None
+        self._trainer: pl.Trainer | None = None  # while a background worker runs: checkpoints
+        self._solver_threads = num_workers
+        self._unlogged: dict[str, float] | None = None  # scores not yet given to pl_module.log
+        self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
 
     @property
     @override
@@ -254,39 +290,58 @@ class RSMMonitor(*CALLBACK_BASES):
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._start_background(trainer)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is not None:  # else from the validation data, once the fit has set it up
             self._prepare_probe(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_score_readers(self._schedule, trainer, self)
-        if self.probe is None:
-            self._prepare_probe(trainer, pl_module)
+        self._start_training(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        self._evaluate_if_due(trainer, pl_module, after_step=True)
+        self._after_batch(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _validation_ends_the_epoch(trainer):
-            self._evaluate_if_due(trainer, pl_module)
+            self._end_epoch(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate_if_due(trainer, pl_module)
+        self._end_epoch(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._deliver_finished(trainer, wait=True)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_background()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_background()
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        pending = self._settle_for_checkpoint()
         return {
             "history": [dict(row) for row in self.history],
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
             "previous": dict(self._previous),
             "ranges": {layer: list(r) for layer, r in self._ranges.items()},
+            "pending": pending,
         }
 
     @override
@@ -296,6 +351,7 @@ class RSMMonitor(*CALLBACK_BASES):
         self._last_step = state_dict.get("last_step", -1)
         self._previous = dict(state_dict["previous"])
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
+        self._to_recapture = [dict(p) for p in state_dict.get("pending", [])]
 
     # ------------------------------------------------------------------ fit start
 
@@ -329,9 +385,33 @@ class RSMMonitor(*CALLBACK_BASES):
             return read_probe(self.probe, self.batch_size, self.input_fn, self.label_fn)
         loader = validation_loader(trainer)
         probe = select_probe(loader, self.probe_size, self.batch_size, self.input_fn, self.label_fn)
-        return trainer.strategy.broadcast(probe, src=0) if _is_distributed(trainer) else probe
+        return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
 
     # ------------------------------------------------------------------ evaluation
+
+    def _start_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the callbacks that read the scores, read a probe from the validation data, and
+        recompute what was pending when the resumed checkpoint was saved."""
+        check_score_readers(self._schedule, trainer, self, background=self.background)
+        if self.probe is None:
+            self._prepare_probe(trainer, pl_module)
+        self._recapture_pending(trainer, pl_module)
+
+    def _after_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Deliver a finished background evaluation, evaluate if a step is due, and (per step)
+        give the newest scores to ``pl_module.log``."""
+        self._deliver_finished(trainer)
+        self._evaluate_if_due(trainer, pl_module, after_step=True)
+        if self._schedule.by_steps:
+            self._log_scores(pl_module, on_step=True)
+
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate if due, deliver a finished background evaluation (waited for when the fit
+        ends or a monitored key is missing), then give the newest scores to ``pl_module.log``."""
+        self._evaluate_if_due(trainer, pl_module)
+        wait = bg.ends_fit(trainer) or bg.misses_monitored_key(trainer)
+        self._deliver_finished(trainer, wait=wait)
+        self._log_scores(pl_module, on_step=False)
 
     def _evaluate_if_due(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, after_step: bool = False
@@ -340,143 +420,9 @@ class RSMMonitor(*CALLBACK_BASES):
         if not self._schedule.is_due(trainer, after_step=after_step, **last):
             return
         self._last_epoch, self._last_step = trainer.current_epoch, trainer.global_step
+        self._deliver_finished(trainer, wait=True)  # at most one evaluation pending
         with untouched(pl_module):
             self._evaluate(trainer, pl_module)
-
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Capture, then the RSMs (shared among ranks), then scores; each step ends with the
-        ranks agreeing that it worked, so a fault on one rank never strands the others."""
-        start = time.perf_counter()
-        captured = self._attempt(trainer, lambda: self._capture(trainer, pl_module, self._inputs))
-        if captured is None:
-            return
-        distributed = _is_distributed(trainer)
-        if distributed:  # ranks' eval-mode buffers (batch norm) differ: score rank 0's view
-            captured = trainer.strategy.broadcast(captured, src=0)
-        features, logits = captured
-        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        semantic = self._attempt(
-            trainer, lambda: self._semantic_rsms(features, distributed, progress)
-        )
-        if semantic is None:
-            return
-        scored = self._attempt(trainer, lambda: self._score(features, semantic, logits))
-        if scored is None:
-            return
-        scores, rsms, layer_rsa = scored
-        scores["rsm/time_s"] = time.perf_counter() - start
-        self._log(trainer, pl_module, scores, rsms, layer_rsa)
-
-    def _attempt(self, trainer: pl.Trainer, step: Callable[[], Any]) -> Any:
-        """Run one step of an evaluation on every rank; None on every rank if any rank failed."""
-        distributed = _is_distributed(trainer)
-        result, failure = run_on_every_rank(step, distributed=distributed)
-        if failure is not None:
-            rank, error = failure
-            where = f" on rank {rank}, so every rank skipped it" if distributed else ""
-            rank_zero_warn(
-                f"`RSMMonitor` evaluation at epoch {trainer.current_epoch} failed and was "
-                f"skipped{where}; training goes on. {error}"
-            )
-        return result
-
-    def _capture(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
-        return capture_layers(
-            pl_module,
-            self.layers,
-            inputs,
-            batch_size=self.batch_size,
-            max_positions=self.max_positions,
-            logits_fn=self.logits_fn,
-            want_logits=self._use_logits,
-            forward_context=trainer.precision_plugin.forward_context,
-            forward_fn=self.forward_fn,
-            special_tokens=self.special_tokens,
-            tokens=self.tokens,
-            token_grid=self.token_grid,
-            warn=lambda message: self._warnings.warn(f"RSMMonitor: {message}"),
-        )
-
-    def _semantic_rsms(
-        self, features: Mapping[str, Tensor], distributed: bool, progress: bool
-    ) -> dict[str, Tensor]:
-        """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``."""
-        return {
-            layer: semantic_rsm(
-                concepts,
-                kernel=self.kernel,
-                matcher=self.matcher,
-                sigma=self.sigma,
-                window=self.window,
-                tol=self.tol,
-                distributed=distributed,
-                progress=progress and f"RSMMonitor {layer}",
-            )
-            for layer, concepts in features.items()
-        }
-
-    def _score(
-        self, features: Mapping[str, Tensor], semantic: Mapping[str, Tensor], logits: Tensor | None
-    ) -> tuple[dict[str, float], Rsms, Tensor]:
-        """Scores of every RSM, the RSMs (float32, CPU) and the layer x layer RSA."""
-        output_similarity = None if logits is None else jensen_shannon_similarity(logits.double())
-        scores: dict[str, float] = {}
-        rsms: Rsms = {}
-        for layer in self.layers:
-            kinds = {"semantic": semantic[layer]}
-            if self.baseline:
-                kinds["baseline"] = spatio_semantic_rsm(
-                    features[layer], kernel=self.kernel, sigma=self.sigma
-                )
-            rsms[layer] = kinds = {kind: rsm.float().cpu() for kind, rsm in kinds.items()}
-            for kind, rsm in kinds.items():
-                quality = rsm_scores(rsm, self._labels, output_similarity=output_similarity)
-                scores.update({f"rsm/{layer}/{kind}/{k}": float(v) for k, v in quality.items()})
-            scores.update(self._comparisons(layer, kinds["semantic"]))
-        layer_rsa = rsa_matrix([kinds["semantic"] for kinds in rsms.values()], method=self.method)
-        return scores, rsms, layer_rsa
-
-    def _comparisons(self, layer: str, rsm: Tensor) -> dict[str, float]:
-        """RSA with the previous evaluation's RSM and with each target."""
-        others = {f"vs_{name}": target for name, target in self.targets.items()}
-        if layer in self._previous:
-            others["rsa_to_previous"] = self._previous[layer]
-        return {
-            f"rsm/{layer}/{name}": float(compare_rsms(rsm, other, method=self.method))
-            for name, other in others.items()
-        }
-
-    # ------------------------------------------------------------------ logging
-
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        scores: dict[str, float],
-        rsms: Rsms,
-        layer_rsa: Tensor,
-    ) -> None:
-        self._schedule.log(trainer, pl_module, scores)
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **scores})
-        self._previous = {layer: kinds["semantic"] for layer, kinds in rsms.items()}
-        self.layer_rsa = layer_rsa
-        if self.log_images and trainer.is_global_zero:
-            self._log_images(trainer, rsms)
-
-    def _log_images(self, trainer: pl.Trainer, rsms: Rsms) -> None:
-        ranges = {layer: self._colour_range(layer, kinds) for layer, kinds in rsms.items()}
-        images = rsm_images(rsms, self._labels, ranges, self.layer_rsa)
-        log_images(trainer.loggers, images, trainer.global_step, warn_once=self._warnings.warn)
-
-    def _colour_range(self, layer: str, kinds: Mapping[str, Tensor]) -> tuple[float, float]:
-        """``heatmap_range``, or the layer's range fixed at its first evaluation."""
-        if self.heatmap_range is not None:
-            return self.heatmap_range
-        if layer not in self._ranges:
-            self._ranges[layer] = default_colour_range(self.kernel, list(kinds.values()))
-        return self._ranges[layer]
 
 
 def _validation_ends_the_epoch(trainer: pl.Trainer) -> bool:
@@ -486,7 +432,3 @@ def _validation_ends_the_epoch(trainer: pl.Trainer) -> bool:
         and is_fitting(trainer)
         and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
     )
-
-
-def _is_distributed(trainer: pl.Trainer) -> bool:
-    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()

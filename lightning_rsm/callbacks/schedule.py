@@ -6,7 +6,8 @@ training epoch) or every ``every_n_train_steps`` optimizer steps (after the step
 ``on_train_batch_end``). A callback that monitors an ``rsm/`` key at other times finds it missing
 (``ModelCheckpoint`` and a strict ``EarlyStopping`` then stop the fit with an error) or stale;
 :func:`check_score_readers` finds such a callback before the first training step and names the
-setting that fixes it.
+setting that fixes it (with ``background=True`` a step schedule allows no such callback: its
+scores arrive at a later batch).
 """
 
 from __future__ import annotations
@@ -82,24 +83,30 @@ class Schedule(NamedTuple):
         epoch = trainer.current_epoch
         return not after_step and epoch != last_epoch and not (epoch + 1) % self.every_n_epochs
 
-    def log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: dict[str, float]
-    ) -> None:
-        """Log the scores where ``ModelCheckpoint``, ``EarlyStopping`` and the loggers see them.
+    def logs_to_loggers(self, background: bool) -> bool:
+        """Whether the callback sends the scores to the loggers itself, at the step where the
+        features were taken: per step (Lightning sends step values to loggers only every
+        ``log_every_n_steps`` steps) and in the background (they arrive at a later step)."""
+        return self.by_steps or background
 
-        Per epoch through ``pl_module.log`` (the epoch's value). Per step through
-        ``pl_module.log(..., logger=False)`` for the callbacks, and straight to each logger at
-        ``trainer.global_step``, since Lightning sends step values to loggers only every
-        ``log_every_n_steps`` steps.
+    def log(
+        self,
+        pl_module: pl.LightningModule,
+        scores: dict[str, float],
+        *,
+        on_step: bool,
+        background: bool,
+    ) -> None:
+        """Give the scores to ``pl_module.log``, where ``ModelCheckpoint``, ``EarlyStopping``
+        and ``trainer.callback_metrics`` see them: in ``on_train_batch_end`` (``on_step``) as a
+        step value, in an epoch-end hook as the epoch's. To the loggers as well only per epoch
+        and synchronously; else the callback has sent them (:meth:`logs_to_loggers`).
         """
-        if not self.by_steps:
-            for name, value in scores.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
-            return
+        # None, not True: Lightning warns of logger=True when the Trainer has no logger
+        logger = False if self.logs_to_loggers(background) else None
         for name, value in scores.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
-        for logger in trainer.loggers:
-            logger.log_metrics(dict(scores), step=trainer.global_step)
+            pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, logger=logger,
+                          batch_size=1)  # fmt: skip
 
 
 # ------------------------------------------------------------------ callbacks that read scores
@@ -116,9 +123,16 @@ class _Reads(NamedTuple):
     at_train_epoch_end: bool = False
 
 
-def check_score_readers(schedule: Schedule, trainer: pl.Trainer, monitor: Any) -> None:
+def check_score_readers(
+    schedule: Schedule, trainer: pl.Trainer, monitor: Any, *, background: bool = False
+) -> None:
     """Raise if a ``ModelCheckpoint`` or ``EarlyStopping`` monitors an ``rsm/`` key at times when
     ``monitor`` has not just logged it. Call it in ``on_train_start`` (validation is set up).
+
+    With ``background`` and a step schedule every such reader is an error: a step's scores
+    reach ``pl_module.log`` at a later batch, so a reader would pair a checkpoint or a stop
+    with an earlier step's score. (Per epoch, background scores reach the readers late by
+    design, as documented by ``RSMMonitor``.)
 
     Raises:
         MisconfigurationException: naming the callback, when each side acts, and the setting
@@ -136,7 +150,10 @@ def check_score_readers(schedule: Schedule, trainer: pl.Trainer, monitor: Any) -
             name, reads = "EarlyStopping", _early_stopping_reads(callback, trainer)
         else:
             continue
-        problem = reads and _mismatch(schedule, name, reads, trainer, before=index < position)
+        problem = reads and (
+            _background_mismatch(schedule, background)
+            or _mismatch(schedule, name, reads, trainer, before=index < position)
+        )
         if problem:
             raise MisconfigurationException(
                 f"Expected `{name}(monitor={key!r})` to read the key when `RSMMonitor` logs it, "
@@ -186,6 +203,19 @@ def _early_stopping_reads(callback: Any, trainer: pl.Trainer) -> _Reads:
     if at_train_end:
         return _Reads("epochs", 1, at_train_epoch_end=True)
     return _validation_reads(trainer, 1)
+
+
+def _background_mismatch(schedule: Schedule, background: bool) -> str | None:
+    """Why a step schedule in the background has no reader of its scores (with the fix)."""
+    if not (background and schedule.by_steps):
+        return None
+    n = schedule.every_n_train_steps
+    return (
+        f"`RSMMonitor(every_n_train_steps={n}, background=True)` logs the scores of a step at a "
+        "later training batch, when the worker has finished, so it would read an earlier step's "
+        f"score: pass `RSMMonitor(every_n_train_steps={n}, background=False)`, or evaluate per "
+        "epoch (`every_n_epochs`), where background scores reach it at epoch ends"
+    )
 
 
 def _mismatch(

@@ -73,6 +73,16 @@ def check_options(
         check_choice(method, COMPARISON_METHODS, "method")
 
 
+def check_background(background: object, num_workers: object) -> None:
+    """``background`` a bool; ``num_workers`` None or a positive int."""
+    if not isinstance(background, bool):
+        raise MisconfigurationException(
+            f"Expected `background` to be True or False, but got {background!r}."
+        )
+    with _as_misconfiguration():
+        check_positive_int(num_workers, "num_workers", optional=True)
+
+
 def check_heatmap_range(heatmap_range: object) -> tuple[float, float] | None:
     """None, or a pair ``(vmin, vmax)`` of finite numbers with ``vmax > vmin``."""
     if heatmap_range is None:

@@ -27,6 +27,8 @@ from torch import Tensor
 
 KERNELS = ("cosine", "inner", "rbf")
 MATCHERS = ("auction", "exact", "greedy", "windowed")
+#: Matchers that run as batched torch code on the tensors' device (no scipy).
+TORCH_MATCHERS = ("auction", "greedy")
 COMPARISON_METHODS = ("cka", "kendall", "pearson", "spearman")
 CORRELATIONS = ("kendall", "pearson", "spearman")
 EMPTY_TARGET_ACTIONS = ("error", "neg", "pos", "skip")

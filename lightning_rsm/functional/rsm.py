@@ -35,7 +35,11 @@ from lightning_rsm.functional.matching import (
     match_greedy,
     match_windowed,
 )
-from lightning_rsm.functional.options import check_positive_int, check_rsm_options
+from lightning_rsm.functional.options import (
+    TORCH_MATCHERS,
+    check_positive_int,
+    check_rsm_options,
+)
 from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
 from lightning_rsm.functional.warm_start import AssignmentCache
 
@@ -73,20 +77,18 @@ _BLOCK_ENTRIES = {"auction": 2**23}
 _DEFAULT_BLOCK_ENTRIES = 2**21
 # Bytes of device memory the auction uses per score entry (float64 copies and scratch).
 _AUCTION_BYTES_PER_ENTRY = 40
-# Matchers that run as batched torch code on the tensors' device (no scipy).
-_TORCH_MATCHERS = ("auction", "greedy")
 
 Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
 
 
 def _default_block_pairs(size: int, matcher: str, device: torch.device) -> int:
     """Pairs per block: from free memory for torch matchers on CUDA, else a fixed budget."""
-    if device.type == "cuda" and matcher in _TORCH_MATCHERS:
+    if device.type == "cuda" and matcher in TORCH_MATCHERS:
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, free // 2 // (_AUCTION_BYTES_PER_ENTRY * size * size))
     entries = _BLOCK_ENTRIES.get(matcher, _DEFAULT_BLOCK_ENTRIES)
     # scipy's solves dominate and need no big matmuls: small blocks balance the threads' load
-    most = 8192 if matcher in _TORCH_MATCHERS else 256
+    most = 8192 if matcher in TORCH_MATCHERS else 256
     return max(1, min(most, entries // (size * size)))
 
 
@@ -170,10 +172,12 @@ def _solve_block(
     return block, value, upper
 
 
-def _world(distributed: bool) -> tuple[int, int]:
+def _world(distributed: bool | dist.ProcessGroup) -> tuple[int, int]:
     """(rank, world size) to split the blocks over; (0, 1) when not splitting."""
     if not distributed:
         return 0, 1
+    if isinstance(distributed, dist.ProcessGroup):
+        return dist.get_rank(distributed), dist.get_world_size(distributed)
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "Expected an initialised torch.distributed process group with "
@@ -182,14 +186,17 @@ def _world(distributed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _raise_if_any_rank_failed(error: BaseException | None) -> None:
+def _raise_if_any_rank_failed(
+    error: BaseException | None, group: dist.ProcessGroup | None = None
+) -> None:
     """Collective: every rank learns whether any rank failed, and all of them raise if so.
 
     Without it, a rank that fails while solving its blocks would leave the others waiting in
     the all-reduce that gathers the result.
     """
-    failed = [None] * dist.get_world_size()
-    dist.all_gather_object(failed, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [None] * dist.get_world_size(group)
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(failed, message, group=group)
     if error is not None:
         raise error
     ranks = [rank for rank, message in enumerate(failed) if message is not None]
@@ -263,7 +270,7 @@ def _assignment_bounds(
     block_size: int | None,
     num_workers: int | None,
     progress: bool | str,
-    distributed: bool,
+    distributed: bool | dist.ProcessGroup,
     sq_x: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``.
@@ -278,7 +285,7 @@ def _assignment_bounds(
     rank, world = _world(distributed)
     blocks = blocks[rank::world]
     if num_workers is None:
-        on_device = xs.is_cuda and matcher in _TORCH_MATCHERS
+        on_device = xs.is_cuda and matcher in TORCH_MATCHERS
         num_workers = 1 if on_device else len(os.sched_getaffinity(0))
     solve = _MATCHERS[matcher]
 
@@ -302,8 +309,9 @@ def _assignment_bounds(
             raise
         error = caught
     if world > 1:
-        _raise_if_any_rank_failed(error)
-        _sum_across_ranks(lower, upper)
+        group = None if isinstance(distributed, bool) else distributed
+        _raise_if_any_rank_failed(error, group)
+        _sum_across_ranks(lower, upper, group=group)
     if symmetric:
         diagonal = torch.diag(sq_x)
         lower = lower + lower.T + diagonal
@@ -311,17 +319,16 @@ def _assignment_bounds(
     return lower, upper
 
 
-def _sum_across_ranks(*tensors: Tensor) -> None:
+def _sum_across_ranks(*tensors: Tensor, group: dist.ProcessGroup | None = None) -> None:
     """All-reduce in place; every entry was filled by exactly one rank, the rest hold zeros."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    )
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
     for tensor in tensors:
         if device is None or tensor.device == device:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=group)
         else:
             moved = tensor.to(device)
-            dist.all_reduce(moved)
+            dist.all_reduce(moved, group=group)
             tensor.copy_(moved)
 
 
@@ -381,7 +388,7 @@ def semantic_rsm(
     num_workers: int | None = None,
     progress: bool | str = False,
     return_gap: bool = False,
-    distributed: bool = False,
+    distributed: bool | dist.ProcessGroup = False,
     warm_start: AssignmentCache | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
@@ -418,7 +425,9 @@ def semantic_rsm(
             ``torch.distributed`` process group and gathers the full RSM on every rank; then
             **every rank must call with the same inputs**, and if solving fails on one rank,
             every rank raises. ``False`` (default) computes everything in this process and
-            runs no collective, so it is safe inside rank-zero-only code.
+            runs no collective, so it is safe inside rank-zero-only code. A
+            ``torch.distributed.ProcessGroup`` splits across that group's ranks and runs every
+            collective in it (e.g. a group of its own for a thread beside training).
         warm_start: an :class:`~lightning_rsm.functional.AssignmentCache` to start each pair's
             exact solve from its solution in the previous call with this cache and store the
             new one: the same (exact) RSM, cheaper when the features changed little, e.g. one
@@ -445,8 +454,10 @@ def semantic_rsm(
     check_rsm_options(kernel, matcher, sigma, window, tol, max_positions)
     check_positive_int(block_size, "block_size", optional=True)
     check_positive_int(num_workers, "num_workers", optional=True)
-    if not isinstance(distributed, bool):
-        raise TypeError(f"Expected `distributed` to be a bool, but got {distributed!r}.")
+    if not isinstance(distributed, (bool, dist.ProcessGroup)):
+        raise TypeError(
+            f"Expected `distributed` to be a bool or a ProcessGroup, but got {distributed!r}."
+        )
     if warm_start is not None and not isinstance(warm_start, AssignmentCache):
         raise TypeError(
             "Expected `warm_start` to be an AssignmentCache or None, "

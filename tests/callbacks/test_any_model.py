@@ -257,7 +257,8 @@ def test_step_schedule_evaluates_mid_epoch_and_logs_at_that_step(data, probe, tm
     )
 
 
-def test_step_schedule_leaves_training_identical(data, probe, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_step_schedule_leaves_training_identical(data, probe, tmp_path, background):
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
         pl.seed_everything(0, verbose=False)
         model = TinyNet(dropout=0.5)
@@ -267,23 +268,26 @@ def test_step_schedule_leaves_training_identical(data, probe, tmp_path):
         trainer.fit(model, DataLoader(TensorDataset(*data), batch_size=16, shuffle=True))
         return model.state_dict()
 
-    monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=1)
+    monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=1, background=background)
     with_callback, without = train(monitor), train(None)
     assert len(monitor.history) == 6
     for name, value in without.items():
         assert torch.equal(with_callback[name], value), name
 
 
-def test_step_schedule_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path):
-    """The checkpoint of step 6 (saved after the evaluation of step 6) resumes to step 12."""
+@pytest.mark.parametrize("background", [False, True])
+def test_step_schedule_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, background):
+    """The checkpoint of step 6 (saved after the evaluation of step 6) resumes to step 12. In
+    the background no checkpoint may monitor a score of a step schedule, and the evaluation of
+    step 6 may still run at the checkpoint: it is re-captured at resume."""
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
         pl.seed_everything(0, verbose=False)
-        monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=2)
+        monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=2, background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
-            monitor="rsm/conv/semantic/map",
+            monitor=None if background else "rsm/conv/semantic/map",
             mode="max",
             every_n_train_steps=2,
             save_last=True,
@@ -487,11 +491,12 @@ def test_constructor_rejects_bad_new_options(probe, kwargs, error, match):
         RSMMonitor(probe, ["conv"], **kwargs)
 
 
-def test_step_schedule_under_ddp_logs_the_one_process_scores(data, probe, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_step_schedule_under_ddp_logs_the_one_process_scores(data, probe, tmp_path, background):
     """2 gloo processes, 3 steps per epoch, evaluations at steps 3 and 6 (the last)."""
     pl.seed_everything(0, verbose=False)
     model = TinyNet()
-    monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=3)
+    monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=3, background=background)
     trainer = pl.Trainer(
         callbacks=[monitor],
         **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2),

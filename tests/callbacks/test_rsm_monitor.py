@@ -59,6 +59,8 @@ def scores(history: list[dict]) -> list[dict]:
         ({"batch_size": -1}, "`batch_size`"),
         ({"heatmap_range": (1.0, 0.0)}, "`heatmap_range`"),
         ({"heatmap_range": (0.0, math.inf)}, "`heatmap_range`"),
+        ({"background": "yes"}, "`background` to be True or False, but got 'yes'"),
+        ({"num_workers": 0}, "`num_workers` to be a positive int or None, but got 0"),
     ],
 )
 def test_constructor_rejects_bad_values(probe, kwargs, match):
@@ -301,8 +303,10 @@ def test_untouched_restores_modes_and_every_rng():
     assert [m.training for m in model.modules()] == modes
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("with_val", [False, True])
-def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_path, with_val):
+def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_path, with_val,
+                                                             background):  # fmt: skip
     """Dropout, batch norm, a shuffled training set and a shuffled probe loader."""
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
@@ -316,7 +320,8 @@ def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_pa
         trainer.fit(model, loader, val)
         return model.state_dict()
 
-    monitor = RSMMonitor(DataLoader(TensorDataset(*probe), batch_size=5, shuffle=True), ["conv"])
+    probe_loader = DataLoader(TensorDataset(*probe), batch_size=5, shuffle=True)
+    monitor = RSMMonitor(probe_loader, ["conv"], background=background)
     with_callback = train(monitor)
     without = train(None)
     assert len(monitor.history) == 3
@@ -346,12 +351,14 @@ def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path
 # ------------------------------------------------------------------ checkpoints
 
 
-def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, background):
+    """With ``background``, the monitored key makes the first evaluation of a fit wait."""
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
         pl.seed_everything(0, verbose=False)
-        monitor = RSMMonitor(probe, ["conv", "pool"])
+        monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
             save_last=True,

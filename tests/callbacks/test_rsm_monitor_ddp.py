@@ -26,11 +26,14 @@ from lightning_rsm.functional import (
 )
 
 
-def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path):
-    """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks."""
+@pytest.mark.parametrize("background", [False, True])
+def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path,
+                                                                          background):  # fmt: skip
+    """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks (with
+    ``background``, on each rank's worker, in a gloo group of the workers' own)."""
     pl.seed_everything(0, verbose=False)
     model = TinyNet()
-    monitor = RSMMonitor(probe, ["conv", "pool"])
+    monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
     logger = TensorBoardLogger(tmp_path, name="", version="")
     trainer = pl.Trainer(
         callbacks=[monitor],
@@ -94,9 +97,12 @@ class SaveWhatEachRankSaw(Callback):
         )
 
 
-def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe, tmp_path,
+                                                                    background):  # fmt: skip
+    monitor = RSMMonitor(probe, ["conv"], background=background)
     trainer = pl.Trainer(
-        callbacks=[RSMMonitor(probe, ["conv"]), SaveWhatEachRankSaw(tmp_path)],
+        callbacks=[monitor, SaveWhatEachRankSaw(tmp_path)],
         **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=3),
     )
     trainer.fit(PoisonedOnRankOne(), DataLoader(TensorDataset(*data), batch_size=8))

@@ -1,8 +1,12 @@
 """semantic_rsm split across 2 gloo processes equals the single-process RSM exactly; without
-``distributed=True`` it runs no collective, so one rank alone can call it."""
+``distributed=True`` it runs no collective, so one rank alone can call it; given a group of its
+own, it runs beside other collectives on the default group."""
+
+import threading
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers.ddp import run_processes
 
 import lightning_rsm.functional.rsm as rsm_module
@@ -30,6 +34,49 @@ def test_two_ranks_give_the_single_process_rsm(tmp_path):
         for k, m in CASES
     ]
     for got in run_processes(_split, folder=tmp_path):
+        for g, e in zip(got, expected, strict=True):
+            assert torch.equal(g, e)
+
+
+def _in_own_group_beside_training(rank: int) -> list[torch.Tensor]:
+    """A thread solves in a gloo group of its own while this thread all-reduces on the default
+    group (as training does): had the RSM used the default group, the ranks' collectives would
+    pair up wrongly and fail or time out."""
+    group = dist.new_group(backend="gloo")
+    results: list[torch.Tensor] = []
+
+    def solve() -> None:
+        results.extend(
+            semantic_rsm(
+                features(),
+                kernel=k,
+                matcher=m,
+                window=3,
+                block_size=4,
+                num_workers=1,
+                distributed=group,
+            )  # fmt: skip
+            for k, m in CASES
+        )
+
+    worker = threading.Thread(target=solve)
+    worker.start()
+    total = torch.zeros(1)
+    for _ in range(200):
+        step = torch.ones(1)
+        dist.all_reduce(step)
+        total += step
+    worker.join()
+    assert total.item() == 200 * dist.get_world_size()
+    return results
+
+
+def test_a_group_of_its_own_gives_the_single_process_rsm_beside_training(tmp_path):
+    expected = [
+        semantic_rsm(features(), kernel=k, matcher=m, window=3, block_size=4, num_workers=1)
+        for k, m in CASES
+    ]
+    for got in run_processes(_in_own_group_beside_training, folder=tmp_path, timeout_s=30):
         for g, e in zip(got, expected, strict=True):
             assert torch.equal(g, e)
 
@@ -69,5 +116,8 @@ def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
 def test_distributed_true_needs_a_process_group():
     with pytest.raises(ValueError, match="initialised torch.distributed process group"):
         semantic_rsm(features(), distributed=True)
-    with pytest.raises(TypeError, match="`distributed` to be a bool, but got None"):
+    with pytest.raises(
+        TypeError,
+        match="`distributed` to be a bool or a ProcessGroup, but got None",
+    ):
         semantic_rsm(features(), distributed=None)

@@ -1,0 +1,287 @@
+"""Evaluations that finish on a worker thread while training goes on (``background=True``).
+
+An evaluation of :class:`~lightning_rsm.callbacks.RSMMonitor` is handed over as an
+:class:`Evaluation` (the features of one step) and comes back as an :class:`Outcome` (scores,
+RSMs, images, or a failure). Synchronously both happen in the hook; with ``background=True``:
+
+========================  ==============================================================
+training thread           the probe forward (it needs the weights of its step), the
+                          features copied off (:func:`copy_off`), and everything that talks
+                          to Lightning or a logger: history rows, scalars and images at the
+                          evaluation's step, ``pl_module.log``
+worker thread             the semantic RSMs, scores and images of one evaluation at a time
+(:class:`Worker`)         (scipy's LAP and torch release the GIL); under DDP its collectives
+                          run in a gloo group of its own, never in training's
+========================  ==============================================================
+
+:class:`Background` keeps at most one evaluation pending: a new one first waits for the last,
+so memory stays bounded and results come in order; the RSMs of the previous evaluation (for
+``rsa_to_previous``) and the colour ranges are read by the worker only after the training
+thread has stored them. Nothing in this module imports Lightning.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
+
+
+@dataclass
+class Evaluation:
+    """The probe's features taken at ``epoch``/``step``: concept vectors ``(N, S, C)`` per layer,
+    logits ``(N, K)`` or None, and the seconds the capture took. ``ready``: a CUDA event after
+    the features' last write, for a worker stream to wait on (None on the CPU)."""
+
+    epoch: int
+    step: int
+    features: dict[str, Tensor]
+    logits: Tensor | None
+    seconds: float
+    ready: Any = None
+
+
+@dataclass
+class Outcome:
+    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
+    images and the colour ranges they used; or ``failure``: ``(rank, error text)``."""
+
+    epoch: int
+    step: int
+    scores: dict[str, float] = field(default_factory=dict)
+    rsms: Rsms = field(default_factory=dict)
+    layer_rsa: Tensor | None = None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    failure: tuple[int, str] | None = None
+
+
+@dataclass
+class Pending:
+    """A submitted evaluation: where its features were taken, their :func:`fingerprint`, and
+    the future of its :class:`Outcome`."""
+
+    epoch: int
+    step: int
+    fingerprint: list[float]
+    future: Future
+
+
+def fingerprint(features: Mapping[str, Tensor]) -> list[float]:
+    """One float64 sum per layer: the same features give the same list, bit for bit.
+
+    Example:
+        >>> fingerprint({"conv": torch.ones(2, 3, 4)})
+        [24.0]
+    """
+    return [float(tensor.double().sum()) for tensor in features.values()]
+
+
+def copy_off(evaluation: Evaluation, keep_on_cuda: bool) -> Evaluation:
+    """The evaluation as the worker may use it while training goes on.
+
+    CPU features are used as they are (freshly made, nothing in training writes to them). CUDA
+    features are copied to the CPU (the scipy matchers run there), unless ``keep_on_cuda`` (the
+    torch matchers, ``"auction"`` and ``"greedy"``, run on the device): then they stay and
+    ``ready`` gets an event recorded on the training thread's stream after their last write.
+
+    Example:
+        >>> e = Evaluation(0, 3, {"conv": torch.ones(2, 4, 1)}, None, 0.1)
+        >>> copy_off(e, keep_on_cuda=False).features["conv"].device
+        device(type='cpu')
+    """
+    on_cuda = any(tensor.is_cuda for tensor in evaluation.features.values())
+    if not on_cuda:
+        return evaluation
+    if not keep_on_cuda:
+        features = {layer: tensor.cpu() for layer, tensor in evaluation.features.items()}
+        return replace(evaluation, features=features)
+    ready = torch.cuda.Event()
+    ready.record()
+    return replace(evaluation, ready=ready)
+
+
+@contextmanager
+def worker_stream(evaluation: Evaluation) -> Iterator[None]:
+    """Run the block on a CUDA stream of its own that first waits for ``evaluation.ready``, so
+    the worker's kernels never queue behind (or between) training's; a no-op on the CPU."""
+    if evaluation.ready is None:
+        yield
+        return
+    device = next(iter(evaluation.features.values())).device
+    stream = torch.cuda.Stream(device=device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        stream.wait_event(evaluation.ready)
+        for tensor in evaluation.features.values():
+            tensor.record_stream(stream)  # the allocator keeps them until this stream is done
+        yield
+        stream.synchronize()
+
+
+class Worker:
+    """One daemon thread that runs submitted functions one at a time, in submission order.
+
+    Args:
+        threads: torch intra-op threads of the worker thread (its own OpenMP setting).
+        name: the thread's name.
+
+    Example:
+        >>> worker = Worker(threads=1)
+        >>> worker.submit(lambda: 6 * 7).result()
+        42
+        >>> worker.stop()
+    """
+
+    def __init__(self, threads: int, name: str = "lightning_rsm-monitor") -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(threads,), name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, function: Callable[[], T]) -> Future:
+        """Queue ``function``; its result or exception comes back in the returned future.
+
+        Raises:
+            RuntimeError: If the worker was stopped.
+        """
+        if self._stopped.is_set():
+            raise RuntimeError("Expected a running worker, but it was stopped.")
+        future: Future = Future()
+        self._queue.put((future, function))
+        return future
+
+    def stop(self, join: bool = False) -> None:
+        """Cancel what has not started; the running function (if any) ends on the daemon
+        thread, unwaited, and its result is dropped. With ``join`` (only when nothing runs),
+        return once the thread has ended. Safe to call twice."""
+        self._stopped.set()
+        self._queue.put(None)
+        if join:
+            self._thread.join()
+
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        while (item := self._queue.get()) is not None:
+            future, function = item
+            if self._stopped.is_set():
+                future.cancel()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = function()
+            except BaseException as error:  # handed to the training thread, never lost
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+class Background:
+    """The callback's side of background evaluation: a :class:`Worker`, a gloo group of its own
+    under DDP, and at most one :class:`Pending` evaluation.
+
+    Under DDP every rank must create it at the same point (e.g. in ``setup``): the group is
+    created collectively, and every rank's worker then runs the same evaluations in the same
+    order, so their collectives pair up.
+
+    Args:
+        distributed: whether the Trainer runs several processes in a process group.
+        threads: torch intra-op threads of the worker thread.
+        keep_on_cuda: leave CUDA features on the device (see :func:`copy_off`).
+    """
+
+    def __init__(self, *, distributed: bool, threads: int, keep_on_cuda: bool) -> None:
+        self.group = dist.new_group(backend="gloo") if distributed else None
+        self.keep_on_cuda = keep_on_cuda
+        self.pending: Pending | None = None
+        self._worker = Worker(threads)
+
+    @property
+    def distributed(self) -> bool | dist.ProcessGroup:
+        """What the worker passes as ``distributed``: its group, or False."""
+        return self.group if self.group is not None else False
+
+    def submit(self, evaluation: Evaluation, compute: Callable[[Evaluation, Any], Outcome]) -> None:
+        """Start ``compute(evaluation, self.distributed)`` on the worker (without gradients,
+        on a stream of its own for CUDA features).
+
+        Raises:
+            RuntimeError: If an evaluation is still pending (take it with :meth:`finished`).
+        """
+        if self.pending is not None:
+            raise RuntimeError(
+                f"Expected no pending evaluation, but the one of step {self.pending.step} is."
+            )
+        prints = fingerprint(evaluation.features)
+        evaluation = copy_off(evaluation, self.keep_on_cuda)
+
+        def run() -> Outcome:
+            with torch.no_grad(), worker_stream(evaluation):
+                return compute(evaluation, self.distributed)
+
+        future = self._worker.submit(run)
+        self.pending = Pending(evaluation.epoch, evaluation.step, prints, future)
+
+    def finished(self, wait: bool = False) -> Outcome | None:
+        """The pending evaluation's outcome once it has finished (with ``wait``, once it does),
+        and it is no longer pending; None if there is none or it is still running. An exception
+        on the worker comes back as a failed outcome of rank 0."""
+        pending = self.pending
+        if pending is None or not (wait or pending.future.done()):
+            return None
+        self.pending = None
+        try:
+            return pending.future.result()
+        except Exception as error:
+            return Outcome(pending.epoch, pending.step, failure=(0, f"{type(error).__name__}: "
+                                                                   f"{error}"))  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the worker and drop the pending evaluation; wait for the thread to end only
+        when nothing runs on it. The group is destroyed only then too (a running evaluation may
+        be inside one of its collectives); otherwise it goes with the default group."""
+        idle = self.pending is None or self.pending.future.done()
+        self._worker.stop(join=idle)
+        self.pending = None
+        if self.group is not None and idle and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.group = None
+
+
+def ends_fit(trainer: Any) -> bool:
+    """Whether ``fit`` stops after this epoch as far as is known in its epoch-end hooks:
+    ``max_epochs`` or ``max_steps`` reached, or ``trainer.should_stop`` set."""
+    max_epochs = trainer.max_epochs
+    return bool(
+        trainer.should_stop
+        or (max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
+        or (0 <= trainer.max_steps <= trainer.global_step)
+    )
+
+
+def misses_monitored_key(trainer: Any, prefix: str = "rsm/") -> bool:
+    """Whether a callback (``ModelCheckpoint``, ``EarlyStopping``) monitors a key starting with
+    ``prefix`` that is not yet among ``trainer.callback_metrics`` (they raise on a missing key)."""
+    monitored = (getattr(callback, "monitor", None) for callback in trainer.callbacks)
+    return any(
+        isinstance(key, str) and key.startswith(prefix) and key not in trainer.callback_metrics
+        for key in monitored
+    )
+
+
+def log_scalars(loggers: Any, metrics: Mapping[str, float], step: int) -> None:
+    """``logger.log_metrics(metrics, step=step)`` and ``logger.save()`` for every logger."""
+    for logger in loggers:
+        logger.log_metrics(dict(metrics), step=step)
+        logger.save()
