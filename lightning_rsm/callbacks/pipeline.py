@@ -30,6 +30,7 @@ from lightning_rsm.callbacks.probe import capture_layers, untouched
 from lightning_rsm.callbacks.ranks import is_distributed, run_on_every_rank
 from lightning_rsm.callbacks.schedule import Schedule
 from lightning_rsm.callbacks.scoring import Scoring
+from lightning_rsm.functional import AssignmentCache
 from lightning_rsm.functional.options import TORCH_MATCHERS
 from lightning_rsm.image_logging import log_images
 from lightning_rsm.namespaces import WarningCache, rank_zero_warn
@@ -73,6 +74,7 @@ class EvaluationPipeline:
     _ranges: dict[str, tuple[float, float]]
     _warnings: WarningCache
     _solver_threads: int | None
+    _caches: dict[str, AssignmentCache]
     _background: bg.Background | None
     _trainer: pl.Trainer | None
     _unlogged: dict[str, float] | None
@@ -141,6 +143,7 @@ class EvaluationPipeline:
             num_workers=self._solver_threads,
             previous=dict(self._previous),
             ranges=dict(self._ranges),
+            caches=self._caches,
         )
 
     def _attempt(self, trainer: pl.Trainer, step: Callable[[], Any]) -> Any:

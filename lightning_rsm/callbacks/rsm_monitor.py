@@ -23,6 +23,7 @@ from lightning_rsm.callbacks.probe import (
 from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
 from lightning_rsm.callbacks.ranks import is_distributed
 from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
+from lightning_rsm.callbacks.scoring import warm_start_caches
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
 from lightning_rsm.functional.representations import TokenGrid
 from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting
@@ -154,6 +155,12 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
             every core when synchronous, 1 with ``background=True`` (the worker takes one core
             from training; raise it where cores are idle, e.g. beside a GPU); always 1 for a
             torch matcher on CUDA in the background.
+        warm_start_bytes: memory for keeping each pair's last exact solution (assignment and
+            duals, ``S * 9 + 1`` bytes a pair) so that later evaluations start from it: the same
+            RSMs, 3x to 5x cheaper once training settles (``benchmarks/README.md``). Shared
+            equally by the layers; pairs beyond it are solved cold; 0 turns it off. Only
+            ``matcher="exact"``; not stored in checkpoints (the first evaluation after a
+            resume is cold).
 
     Attributes:
         history: one dict per evaluation: ``epoch``, ``step`` (where its features were taken)
@@ -225,6 +232,7 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         heatmap_range: tuple[float, float] | None = None,
         background: bool = False,
         num_workers: int | None = None,
+        warm_start_bytes: int = 2**28,
     ) -> None:
         validation.check_layers(layers)
         self._schedule = Schedule.from_options(every_n_epochs, every_n_train_steps)
@@ -241,6 +249,7 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
             method=method,
         )
         validation.check_background(background, num_workers)
+        validation.check_warm_start_bytes(warm_start_bytes)
         self.heatmap_range = validation.check_heatmap_range(heatmap_range)
         validation.check_logits_fn(logits_fn)
         validation.check_probe(probe, input_fn, label_fn)
@@ -265,6 +274,7 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         self.log_images = log_images
         self.background = background
         self.num_workers = num_workers
+        self.warm_start_bytes = warm_start_bytes
 
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
@@ -279,6 +289,7 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         self._background: bg.Background | None = None
         self._trainer: pl.Trainer | None = None  # while a background worker runs: checkpoints
         self._solver_threads = num_workers
+        self._caches = warm_start_caches(self.layers, matcher, warm_start_bytes)
         self._unlogged: dict[str, float] | None = None  # scores not yet given to pl_module.log
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_rsm.callbacks.background import Evaluation, Outcome, Rsms
 from lightning_rsm.callbacks.ranks import run_on_every_rank
 from lightning_rsm.functional import (
+    AssignmentCache,
     compare_rsms,
     jensen_shannon_similarity,
     rsa_matrix,
@@ -33,6 +34,22 @@ from lightning_rsm.plotting import default_colour_range, rsm_images
 Ranges = dict[str, tuple[float, float]]
 
 
+def warm_start_caches(
+    layers: Sequence[str], matcher: str, max_bytes: int
+) -> dict[str, AssignmentCache]:
+    """One :class:`~lightning_rsm.functional.AssignmentCache` per layer sharing ``max_bytes``
+    equally; none unless the matcher is exact and ``max_bytes`` is positive.
+
+    Example:
+        >>> caches = warm_start_caches(["a", "b"], "exact", 2**20)
+        >>> sorted(caches), caches["a"].max_bytes
+        (['a', 'b'], 524288)
+    """
+    if matcher != "exact" or max_bytes <= 0 or not layers:
+        return {}
+    return {layer: AssignmentCache(max_bytes=max_bytes // len(layers)) for layer in layers}
+
+
 @dataclass(frozen=True)
 class Scoring:
     """The RSM and score options of the callback and the state one evaluation compares against.
@@ -42,6 +59,7 @@ class Scoring:
         previous: the previous evaluation's semantic RSM per layer (for ``rsa_to_previous``).
         ranges: the colour ranges fixed by earlier evaluations, per layer.
         num_workers: solver threads of :func:`~lightning_rsm.functional.semantic_rsm`.
+        caches: each layer's warm-start cache (exact matcher); used by one evaluation at a time.
     """
 
     layers: Sequence[str]
@@ -58,6 +76,7 @@ class Scoring:
     num_workers: int | None
     previous: Mapping[str, Tensor] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
+    caches: Mapping[str, AssignmentCache] = field(default_factory=dict)
 
     def compute(
         self,
@@ -103,6 +122,7 @@ class Scoring:
                 num_workers=self.num_workers,
                 distributed=distributed,
                 progress=progress and f"RSMMonitor {layer}",
+                warm_start=self.caches.get(layer),
             )
             for layer, concepts in features.items()
         }

@@ -83,6 +83,18 @@ def check_background(background: object, num_workers: object) -> None:
         check_positive_int(num_workers, "num_workers", optional=True)
 
 
+def check_warm_start_bytes(warm_start_bytes: object) -> None:
+    """A non-negative int (0: no warm starts)."""
+    if not (
+        isinstance(warm_start_bytes, int)
+        and not isinstance(warm_start_bytes, bool)
+        and warm_start_bytes >= 0
+    ):
+        raise MisconfigurationException(
+            f"Expected `warm_start_bytes` to be a non-negative int, but got {warm_start_bytes!r}."
+        )
+
+
 def check_heatmap_range(heatmap_range: object) -> tuple[float, float] | None:
     """None, or a pair ``(vmin, vmax)`` of finite numbers with ``vmax > vmin``."""
     if heatmap_range is None:

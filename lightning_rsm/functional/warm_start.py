@@ -81,6 +81,14 @@ class AssignmentCache:
         self._lock = threading.Lock()
         self.clear()
 
+    def __getstate__(self) -> dict:
+        """Pickles (e.g. a callback sent to spawned DDP processes) carry the cap, not the lock
+        or the kept solutions: the copy starts cold."""
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])
+
     @staticmethod
     def bytes_per_pair(size: int) -> int:
         """Bytes kept per pair at S = ``size`` positions (assignment, duals, a valid flag)."""

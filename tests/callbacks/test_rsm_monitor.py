@@ -444,3 +444,20 @@ def test_progress_of_pairs_per_layer_follows_the_trainer_progress_bar(loader, pr
     assert ("RSMMonitor conv" in err) == bar
     if bar:
         assert "/66 " in err  # 12 probe samples: 66 pairs i < j
+
+
+def test_warm_started_evaluations_equal_cold_ones(loader, probe, tmp_path):
+    """Each layer keeps its pairs' exact solutions between evaluations: the same RSMs."""
+    warm = RSMMonitor(probe, ["conv", "pool"], max_positions=16)
+    cold = RSMMonitor(probe, ["conv", "pool"], max_positions=16, warm_start_bytes=0)
+    for monitor in (warm, cold):
+        pl.seed_everything(0, verbose=False)
+        fit(TinyNet(), loader, monitor, tmp_path, max_epochs=3)
+    assert sorted(warm._caches) == ["conv", "pool"] and cold._caches == {}
+    assert warm._caches["conv"].stats["warm_pairs"] == 66  # every pair of 12 probe samples
+    for row_warm, row_cold in zip(scores(warm.history), scores(cold.history), strict=True):
+        for key, value in row_cold.items():
+            assert row_warm[key] == pytest.approx(value, abs=1e-6), key
+    with pytest.raises(MisconfigurationException, match="`warm_start_bytes` to be a non-neg"):
+        RSMMonitor(probe, ["conv"], warm_start_bytes=-1)
+    assert RSMMonitor(probe, ["conv"], matcher="greedy")._caches == {}

@@ -303,3 +303,14 @@ def test_scipy_fallback_without_numba(monkeypatch):
     scores = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(12))
     value = match_exact(scores)[0].numpy()
     np.testing.assert_allclose(value, _scipy_values(scores.double().numpy()), rtol=1e-12)
+
+
+def test_a_pickled_cache_keeps_its_cap_and_starts_cold():
+    import pickle
+
+    x = torch.rand(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    cache = AssignmentCache(max_bytes=4096)
+    semantic_rsm(x, warm_start=cache)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.max_bytes == 4096 and copy.nbytes == 0 and cache.nbytes > 0
+    torch.testing.assert_close(semantic_rsm(x, warm_start=copy), semantic_rsm(x))
