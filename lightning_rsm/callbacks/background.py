@@ -18,6 +18,38 @@ worker thread             the semantic RSMs, scores and images of one evaluation
 so memory stays bounded and results come in order; the RSMs of the previous evaluation (for
 ``rsa_to_previous``) and the colour ranges are read by the worker only after the training
 thread has stored them. Nothing in this module imports Lightning.
+
+The contract, as ``RSMMonitor`` keeps it:
+
+With ``background=True`` only the probe forward runs in the hook (it needs the weights of
+that moment); the features are copied off and the RSMs, scores and images are computed by
+a worker thread while training goes on, with the same numbers as ``background=False``, bit
+for bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP
+equals one process). Results are logged from the training thread, each with the epoch and
+step at which its features were taken: history rows, images, and scalars through
+``logger.log_metrics(..., step=...)`` (plus ``epoch``) as soon as they are picked up (after
+any training batch). At most one evaluation is pending: a due one first waits for the
+last, so training waits only when the RSMs take longer than the interval between two
+evaluations. **Lateness**: scores reach ``pl_module.log`` (``ModelCheckpoint``,
+``EarlyStopping``, ``trainer.callback_metrics``) at the first epoch end at which they are
+ready (with ``every_n_train_steps`` also at the first training batch end), usually the next
+epoch's and at the latest the next evaluation's, so a callback monitoring them at epoch
+``e`` sees an earlier evaluation's value; with ``every_n_train_steps`` a ``ModelCheckpoint``
+or ``EarlyStopping`` monitoring an ``rsm/`` key is therefore an error at fit start. Two
+evaluations are waited for in their own hook: the first of a fit when a callback monitors
+an ``rsm/`` key (so that key exists at its first check) and that of the last epoch
+(``max_epochs``, ``max_steps``, ``should_stop`` already set). A fit stopped otherwise waits
+at its end and logs the rest to the history and the loggers, not to ``pl_module.log``
+(Lightning allows no logging there). A checkpoint
+saved while an evaluation runs on features of the checkpoint's own step stores where it
+was taken, not the features; at resume the probe is run again on the restored weights
+(checked against a fingerprint; a mismatch is a warning) and the evaluation computed then.
+An exception in training stops the worker (a running evaluation ends unwaited and is
+dropped); a failure on the worker is a warning. Under DDP the worker's collectives run in
+a gloo process group of its own, created by every rank at setup. On CUDA the ``"auction"``
+and ``"greedy"`` matchers run on the device in a stream of the worker's own; the scipy
+matchers work on CPU copies (whose float32 matmuls may round differently from the
+synchronous path's on the GPU). No progress bar is shown.
 """
 
 from __future__ import annotations

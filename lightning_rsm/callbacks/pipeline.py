@@ -1,6 +1,7 @@
 """The evaluation pipeline of :class:`~lightning_rsm.callbacks.RSMMonitor`, from the probe's
 features to the loggers.
 
+``_prepare_probe`` (once, at fit start: the probe read and checked, its logits found) ->
 ``_capture_evaluation`` (the probe forward, in the hook: it needs the weights of its step) ->
 ``_hand_off`` -> ``_compute`` (:class:`~lightning_rsm.callbacks.scoring.Scoring`, in the hook or
 on the background worker) -> ``_deliver`` (on the training thread: history, images and scalars
@@ -25,8 +26,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_rsm.callbacks import background as bg
+from lightning_rsm.callbacks import validation
 from lightning_rsm.callbacks.background import Evaluation, Outcome
-from lightning_rsm.callbacks.probe import capture_layers, untouched
+from lightning_rsm.callbacks.batches import batch_length, slice_batch
+from lightning_rsm.callbacks.probe import capture_layers, read_probe, untouched
+from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
 from lightning_rsm.callbacks.ranks import is_distributed, run_on_every_rank
 from lightning_rsm.callbacks.schedule import Schedule
 from lightning_rsm.callbacks.scoring import Scoring
@@ -63,6 +67,10 @@ class EvaluationPipeline:
     special_tokens: int
     tokens: str
     token_grid: Any
+    probe: Any
+    probe_size: int
+    input_fn: Any
+    label_fn: Any
     # state of RSMMonitor
     history: list[dict[str, float]]
     layer_rsa: Tensor | None
@@ -79,6 +87,42 @@ class EvaluationPipeline:
     _trainer: pl.Trainer | None
     _unlogged: dict[str, float] | None
     _to_recapture: list[dict[str, Any]]
+
+    # ------------------------------------------------------------------ the probe
+
+    def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the probe, check it, the targets and the layers, and find the logits."""
+        validation.check_layers_exist(pl_module, self.layers)
+        with untouched(pl_module):
+            self._inputs, self._labels = self._read_probe(trainer)
+        validation.check_targets_match_probe(self.targets, batch_length(self._inputs))
+        if self._labels is None:
+            self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
+        self._use_logits = True
+        with untouched(pl_module):
+            _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
+        if logits is not None:
+            return
+        if self.logits_fn is not None:
+            raise ValueError(
+                "Expected `logits_fn` to return logits of shape (B, K) with K >= 2 on a "
+                "probe batch of B samples, but it did not."
+            )
+        self._use_logits = False
+        self._warnings.warn(
+            "The model's forward output on the probe is not a (B, K) logits tensor: the "
+            "probability agreement is not computed. Pass `logits_fn` to pick the logits."
+        )
+
+    def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
+        """The probe's inputs and labels: the one given, or chosen from the validation data."""
+        if self.probe is not None:
+            return read_probe(self.probe, self.batch_size, self.input_fn, self.label_fn)
+        loader = validation_loader(trainer)
+        probe = select_probe(loader, self.probe_size, self.batch_size, self.input_fn, self.label_fn)
+        return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
+
+    # ------------------------------------------------------------------ one evaluation
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Capture here, in the training loop; the RSMs, scores and images here or on the

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from lightning_rsm.callbacks.probe import (
+from lightning_rsm.callbacks.batches import (
     Picker,
     batch_length,
     concat_batches,
     index_batch,
-    read_probe,
     split_batch,
 )
+from lightning_rsm.callbacks.probe import read_probe
 from lightning_rsm.namespaces import MisconfigurationException
 
 if TYPE_CHECKING:  # annotations only: the module serves lightning.pytorch too

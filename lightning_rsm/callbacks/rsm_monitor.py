@@ -10,18 +10,9 @@ from typing_extensions import override
 
 from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import validation
+from lightning_rsm.callbacks.batches import ForwardFn, Picker
 from lightning_rsm.callbacks.pipeline import EvaluationPipeline
-from lightning_rsm.callbacks.probe import (
-    ForwardFn,
-    Picker,
-    Probe,
-    batch_length,
-    read_probe,
-    slice_batch,
-    untouched,
-)
-from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
-from lightning_rsm.callbacks.ranks import is_distributed
+from lightning_rsm.callbacks.probe import Probe, untouched
 from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
 from lightning_rsm.callbacks.scoring import warm_start_caches
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
@@ -40,46 +31,24 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
     steps, right after the step; never during the sanity check) the probe is run through the
     model in eval mode, without gradients, eagerly (also a ``torch.compile``'d model: nothing is
     compiled or recompiled for it) and with every RNG state restored, the outputs of ``layers``
-    are captured with forward hooks, and per layer the semantic RSM
-    (and the spatially aligned baseline) is computed and scored with
-    :func:`~lightning_rsm.functional.rsm_scores`. Scalars go through ``pl_module.log``, so
-    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them (at fit start, one that would
-    read an ``rsm/`` key at other times than it is logged is an error naming the setting that
-    fixes it); with ``every_n_train_steps`` they also go straight to the loggers at
-    ``trainer.global_step``, whatever ``log_every_n_steps`` is. TensorBoard loggers also get
-    the heatmaps (samples sorted by label, a colour scale fixed for the run) and the layer x
-    layer RSA matrix, written by rank 0. Under DDP the ranks share the RSMs' work; if any rank
+    are captured with forward hooks, and per layer the semantic RSM (and the spatially aligned
+    baseline) is computed and scored with :func:`~lightning_rsm.functional.rsm_scores`. Scalars
+    go through ``pl_module.log``, so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them
+    (at fit start, one that would read an ``rsm/`` key at other times than it is logged is an
+    error naming the setting that fixes it); with ``every_n_train_steps`` they also go straight
+    to the loggers at ``trainer.global_step``, whatever ``log_every_n_steps`` is. Every logger
+    also gets the heatmaps (samples sorted by label, a colour scale fixed for the run) and the
+    layer x layer RSA matrix, written once by rank 0 (what each receives:
+    :mod:`lightning_rsm.image_logging`). Under DDP the ranks share the RSMs' work; if any rank
     fails in an evaluation, every rank skips it with the same warning and training goes on.
 
-    With ``background=True`` only the probe forward runs in the hook (it needs the weights of
-    that moment); the features are copied off and the RSMs, scores and images are computed by
-    a worker thread while training goes on, with the same numbers as ``background=False``, bit
-    for bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP
-    equals one process). Results are logged from the training thread, each with the epoch and
-    step at which its features were taken: history rows, images, and scalars through
-    ``logger.log_metrics(..., step=...)`` (plus ``epoch``) as soon as they are picked up (after
-    any training batch). At most one evaluation is pending: a due one first waits for the
-    last, so training waits only when the RSMs take longer than the interval between two
-    evaluations. **Lateness**: scores reach ``pl_module.log`` (``ModelCheckpoint``,
-    ``EarlyStopping``, ``trainer.callback_metrics``) at the first epoch end at which they are
-    ready (with ``every_n_train_steps`` also at the first training batch end), usually the next
-    epoch's and at the latest the next evaluation's, so a callback monitoring them at epoch
-    ``e`` sees an earlier evaluation's value; with ``every_n_train_steps`` a ``ModelCheckpoint``
-    or ``EarlyStopping`` monitoring an ``rsm/`` key is therefore an error at fit start. Two
-    evaluations are waited for in their own hook: the first of a fit when a callback monitors
-    an ``rsm/`` key (so that key exists at its first check) and that of the last epoch
-    (``max_epochs``, ``max_steps``, ``should_stop`` already set). A fit stopped otherwise waits
-    at its end and logs the rest to the history and the loggers, not to ``pl_module.log``
-    (Lightning allows no logging there). A checkpoint
-    saved while an evaluation runs on features of the checkpoint's own step stores where it
-    was taken, not the features; at resume the probe is run again on the restored weights
-    (checked against a fingerprint; a mismatch is a warning) and the evaluation computed then.
-    An exception in training stops the worker (a running evaluation ends unwaited and is
-    dropped); a failure on the worker is a warning. Under DDP the worker's collectives run in
-    a gloo process group of its own, created by every rank at setup. On CUDA the ``"auction"``
-    and ``"greedy"`` matchers run on the device in a stream of the worker's own; the scipy
-    matchers work on CPU copies (whose float32 matmuls may round differently from the
-    synchronous path's on the GPU). No progress bar is shown.
+    With ``background=True`` only the probe forward runs in the hook; the RSMs, scores and images
+    are computed by a worker thread while training goes on, with the same numbers as
+    ``background=False``, bit for bit, and the same guarantees. History rows, images and logger
+    scalars carry the step at which the features were taken; scores reach ``pl_module.log`` at
+    the first epoch end at which they are ready (usually one epoch late; the first evaluation
+    when an ``rsm/`` key is monitored and the last one are waited for). The whole contract
+    (checkpoints, exceptions, DDP, CUDA): :mod:`lightning_rsm.callbacks.background`.
 
     Logged scalars (``<layer>`` as in ``model.named_modules()``, ``<kind>`` is ``semantic`` or,
     with ``baseline=True``, ``baseline``; ``<score>`` a key of ``rsm_scores``: ``map``,
@@ -363,40 +332,6 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         self._previous = dict(state_dict["previous"])
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
         self._to_recapture = [dict(p) for p in state_dict.get("pending", [])]
-
-    # ------------------------------------------------------------------ fit start
-
-    def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the probe, check it, the targets and the layers, and find the logits."""
-        validation.check_layers_exist(pl_module, self.layers)
-        with untouched(pl_module):
-            self._inputs, self._labels = self._read_probe(trainer)
-        validation.check_targets_match_probe(self.targets, batch_length(self._inputs))
-        if self._labels is None:
-            self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
-        self._use_logits = True
-        with untouched(pl_module):
-            _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
-        if logits is not None:
-            return
-        if self.logits_fn is not None:
-            raise ValueError(
-                "Expected `logits_fn` to return logits of shape (B, K) with K >= 2 on a "
-                "probe batch of B samples, but it did not."
-            )
-        self._use_logits = False
-        self._warnings.warn(
-            "The model's forward output on the probe is not a (B, K) logits tensor: the "
-            "probability agreement is not computed. Pass `logits_fn` to pick the logits."
-        )
-
-    def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
-        """The probe's inputs and labels: the one given, or chosen from the validation data."""
-        if self.probe is not None:
-            return read_probe(self.probe, self.batch_size, self.input_fn, self.label_fn)
-        loader = validation_loader(trainer)
-        probe = select_probe(loader, self.probe_size, self.batch_size, self.input_fn, self.label_fn)
-        return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
 
     # ------------------------------------------------------------------ evaluation
 

@@ -14,12 +14,8 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rsm.callbacks.probe import (
-    Picker,
-    check_layer_names,
-    check_probe_tensors,
-    split_batch,
-)
+from lightning_rsm.callbacks.batches import Picker, split_batch
+from lightning_rsm.callbacks.probe import check_layer_names, check_probe_tensors
 from lightning_rsm.functional import representations
 from lightning_rsm.functional.options import (
     COMPARISON_METHODS,

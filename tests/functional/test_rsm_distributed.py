@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from helpers.ddp import run_processes
 
-import lightning_rsm.functional.rsm as rsm_module
+import lightning_rsm.functional.pairs as pairs_module
 from lightning_rsm.functional import semantic_rsm
 
 CASES = [("cosine", "exact"), ("rbf", "greedy"), ("inner", "windowed"), ("cosine", "auction")]
@@ -99,7 +99,7 @@ def _fails_on_rank_one(rank: int) -> str:
         def out_of_memory(*args):
             raise MemoryError("out of memory in the solver")
 
-        rsm_module._MATCHERS["exact"] = out_of_memory  # the registry is read at call time
+        pairs_module._MATCHERS["exact"] = out_of_memory  # the registry is read at call time
     try:
         semantic_rsm(features(), block_size=4, num_workers=1, distributed=True)
     except Exception as error:
