@@ -43,10 +43,104 @@ from torch import Tensor
 
 from lightning_rsm.functional.jonker_volgenant import (
     _HAVE_NUMBA,
-    _solve_batch,
+    _augmenting_row_reduction,
+    _cold_start,
+    _njit,
+    _shortest_path,
+    _warm_start,
 )
 
 _BACKENDS = ("numba", "scipy")
+
+
+# The batch driver, compiled like the kernels it calls.
+@_njit
+def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
+    """Solve one matrix (``cost`` holds the scores; costs are their negatives) into x, y, v.
+
+    Returns ``(rows not kept from the warm start, rows that needed a shortest path)``, or
+    ``(-1, -1)`` if ``cost`` holds NaN/Inf.
+    """
+    n = cost.shape[0]
+    for j in range(n):
+        x[j] = -1
+        y[j] = -1
+    n_free = _warm_start(cost, x0, v0, x, y, v, u, free) if warm else -2
+    if n_free == -2:
+        for j in range(n):
+            x[j] = -1
+            y[j] = -1
+        n_free = _cold_start(cost, x, y, v, free)
+        warm = False
+    if n_free < 0:
+        return -1, -1
+    not_kept = n_free if warm else n
+    for _ in range(2):
+        if n_free == 0:
+            break
+        n_free = _augmenting_row_reduction(cost, free, n_free, x, y, v)
+    for f in range(n_free):
+        start = free[f]
+        j = _shortest_path(cost, start, x, y, v, d, cols, pred)
+        i = -1
+        while i != start:
+            i = pred[j]
+            y[j] = i
+            k = x[i]
+            x[i] = j
+            j = k
+    return not_kept, n_free
+
+
+@_njit
+def _solve_batch(scores, slots, warm, assign, duals, values, stats):
+    """Solve ``scores[b]`` for every b; warm from ``assign/duals[slots[b]]`` where ``warm[b]``.
+
+    Writes the optimal value to ``values[b]`` (NaN if the matrix holds NaN/Inf), the row counts
+    to ``stats[b]`` and, where ``slots[b] >= 0``, the assignment and column duals to
+    ``assign/duals[slots[b]]``.
+    """
+    n = scores.shape[1]
+    x = np.empty(n, dtype=np.int64)
+    y = np.empty(n, dtype=np.int64)
+    v = np.empty(n, dtype=np.float64)
+    u = np.empty(n, dtype=np.float64)
+    x0 = np.empty(n, dtype=np.int64)
+    v0 = np.empty(n, dtype=np.float64)
+    free = np.empty(n, dtype=np.int64)
+    d = np.empty(n, dtype=np.float64)
+    cols = np.empty(n, dtype=np.int64)
+    pred = np.empty(n, dtype=np.int64)
+    for b in range(scores.shape[0]):
+        cost = scores[b]
+        slot = slots[b]
+        use = warm[b] and slot >= 0
+        if n == 1:  # also keeps ARR (which needs a second column) away from S = 1
+            values[b] = cost[0, 0] if np.isfinite(cost[0, 0]) else np.nan
+            stats[b, 0] = 0 if use else 1
+            stats[b, 1] = 0
+            if slot >= 0:
+                assign[slot, 0] = 0
+                duals[slot, 0] = -cost[0, 0]
+            continue
+        if use:
+            for j in range(n):
+                x0[j] = assign[slot, j]
+                v0[j] = duals[slot, j]
+        kept, paths = _solve_one(cost, use, x0, v0, x, y, v, u, free, d, cols, pred)
+        stats[b, 0] = kept
+        stats[b, 1] = paths
+        if kept < 0:
+            values[b] = np.nan
+            continue
+        total = 0.0
+        for i in range(n):
+            total += cost[i, x[i]]
+        values[b] = total
+        if slot >= 0:
+            for j in range(n):
+                assign[slot, j] = x[j]
+                duals[slot, j] = v[j]
 
 
 def _scipy_batch(scores: np.ndarray, values: np.ndarray, assign: np.ndarray | None) -> None:
