@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from lightning_rsm.functional.pairs import first_failure
+
 T = TypeVar("T")
 
 
@@ -37,15 +39,11 @@ def run_on_every_rank(
         result = step()
     except Exception as error:  # a fault in monitoring must not stop training
         message = f"{type(error).__name__}: {error}"
-    messages: list[str | None] = [message]
     if distributed:
-        group = None if isinstance(distributed, bool) else distributed
-        messages = [None] * dist.get_world_size(group)
-        dist.all_gather_object(messages, message, group=group)
-    failed = [rank for rank, text in enumerate(messages) if text is not None]
-    if not failed:
-        return result, None
-    return None, (failed[0], messages[failed[0]])
+        failure = first_failure(message, None if isinstance(distributed, bool) else distributed)
+    else:
+        failure = None if message is None else (0, message)
+    return (result, None) if failure is None else (None, failure)
 
 
 def is_distributed(trainer: Any) -> bool:

@@ -141,6 +141,27 @@ def _world(distributed: bool | dist.ProcessGroup) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def first_failure(
+    message: str | None, group: dist.ProcessGroup | None = None
+) -> tuple[int, str] | None:
+    """Collective: each rank of ``group`` passes its failure as text (None if it worked); every
+    rank gets the same answer, the first failing rank and its text, or None.
+
+    Example:
+        >>> import tempfile, torch.distributed as dist
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> dist.init_process_group("gloo", init_method=f"file://{folder.name}/pg", rank=0,
+        ...                         world_size=1)
+        >>> first_failure(None), first_failure("MemoryError: out of memory")
+        (None, (0, 'MemoryError: out of memory'))
+        >>> dist.destroy_process_group()
+        >>> folder.cleanup()
+    """
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, message, group=group)
+    return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+
+
 def _raise_if_any_rank_failed(
     error: BaseException | None, group: dist.ProcessGroup | None = None
 ) -> None:
@@ -149,16 +170,12 @@ def _raise_if_any_rank_failed(
     Without it, a rank that fails while solving its blocks would leave the others waiting in
     the all-reduce that gathers the result.
     """
-    failed = [None] * dist.get_world_size(group)
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(failed, message, group=group)
+    failure = first_failure(None if error is None else f"{type(error).__name__}: {error}", group)
     if error is not None:
         raise error
-    ranks = [rank for rank, message in enumerate(failed) if message is not None]
-    if ranks:
-        raise RuntimeError(
-            f"semantic_rsm failed on rank {ranks[0]} ({failed[ranks[0]]}); every rank stops."
-        )
+    if failure is not None:
+        rank, text = failure
+        raise RuntimeError(f"semantic_rsm failed on rank {rank} ({text}); every rank stops.")
 
 
 @contextmanager
