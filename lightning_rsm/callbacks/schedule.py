@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from lightning_rsm.callbacks.validation import as_misconfiguration
 from lightning_rsm.functional.options import check_positive_int
 from lightning_rsm.namespaces import MisconfigurationException, is_lightning_class
 
@@ -47,11 +48,9 @@ class Schedule(NamedTuple):
                 f"got every_n_epochs={every_n_epochs!r} and "
                 f"every_n_train_steps={every_n_train_steps!r}."
             )
-        try:
+        with as_misconfiguration():
             check_positive_int(every_n_epochs, "every_n_epochs", optional=True)
             check_positive_int(every_n_train_steps, "every_n_train_steps", optional=True)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
         if every_n_train_steps is None and every_n_epochs is None:
             every_n_epochs = 1
         return cls(every_n_epochs, every_n_train_steps)  # type: ignore[arg-type]

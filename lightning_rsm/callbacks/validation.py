@@ -28,7 +28,8 @@ from lightning_rsm.namespaces import MisconfigurationException
 
 
 @contextmanager
-def _as_misconfiguration() -> Iterator[None]:
+def as_misconfiguration() -> Iterator[None]:
+    """Raise a ``ValueError`` of a shared check as ``MisconfigurationException``, same text."""
     try:
         yield
     except ValueError as error:
@@ -63,7 +64,7 @@ def check_options(
     method: object,
 ) -> None:
     """The RSM options, the batch size and the comparison method (the schedule: ``schedule``)."""
-    with _as_misconfiguration():
+    with as_misconfiguration():
         check_rsm_options(kernel, matcher, sigma, window, tol, max_positions)
         check_positive_int(batch_size, "batch_size")
         check_choice(method, COMPARISON_METHODS, "method")
@@ -75,7 +76,7 @@ def check_background(background: object, num_workers: object) -> None:
         raise MisconfigurationException(
             f"Expected `background` to be True or False, but got {background!r}."
         )
-    with _as_misconfiguration():
+    with as_misconfiguration():
         check_positive_int(num_workers, "num_workers", optional=True)
 
 
@@ -150,7 +151,7 @@ def check_batch_options(
 
 def check_token_options(special_tokens: object, tokens: object, token_grid: object) -> None:
     """Which tokens of ``(N, T, D)`` layers are kept, and how patch tokens are pooled."""
-    with _as_misconfiguration():
+    with as_misconfiguration():
         representations.check_token_options(special_tokens, tokens, token_grid)
 
 
@@ -191,5 +192,5 @@ def check_targets_match_probe(targets: Mapping[str, Tensor], n: int) -> None:
 
 def check_layers_exist(model: nn.Module, layers: Sequence[str]) -> None:
     """Every layer is a module of ``model`` (the message lists the names there are)."""
-    with _as_misconfiguration():
+    with as_misconfiguration():
         check_layer_names(model, layers)

@@ -58,15 +58,6 @@ def assignment_upper_bound(scores: Tensor) -> Tensor:
     return torch.minimum(s.amax(dim=2).sum(dim=1), s.amax(dim=1).sum(dim=1))
 
 
-def _exact_values(scores: np.ndarray) -> np.ndarray:
-    """Optimal assignment value of each ``(S, S)`` matrix in ``scores`` (maximising).
-
-    numba's Jonker-Volgenant solver (:mod:`~lightning_rsm.functional.lap`), or scipy's
-    ``linear_sum_assignment`` when numba is not importable.
-    """
-    return _cold_values(scores)
-
-
 def match_exact(scores: Tensor) -> MatchResult:
     """Optimal assignment of each score matrix with a Jonker-Volgenant solver.
 
@@ -92,7 +83,7 @@ def match_exact(scores: Tensor) -> MatchResult:
         tensor([3.], dtype=torch.float64)
     """
     _check_scores(scores)
-    values = torch.from_numpy(_exact_values(scores.detach().double().cpu().numpy()))
+    values = torch.from_numpy(_cold_values(scores.detach().double().cpu().numpy()))
     values = values.to(scores.device)
     return values, values.clone()
 
@@ -132,7 +123,7 @@ def match_windowed(
     values = np.zeros(matrices.shape[0], dtype=np.float64)
     for start in range(0, size, window):
         stop = min(start + window, size)
-        values += _exact_values(np.ascontiguousarray(matrices[:, start:stop, start:stop]))
+        values += _cold_values(np.ascontiguousarray(matrices[:, start:stop, start:stop]))
     return torch.from_numpy(values).to(scores.device), assignment_upper_bound(scores)
 
 
