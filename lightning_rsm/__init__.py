@@ -4,7 +4,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RSMMonitor", "__version__"]
+from lightning_rsm.archive import ArchivedEvaluation, ArchiveWriter, load_rsms, probe_fingerprint
+
+__all__ = [
+    "ArchiveWriter",
+    "ArchivedEvaluation",
+    "RSMMonitor",
+    "__version__",
+    "load_rsms",
+    "probe_fingerprint",
+]
 
 
 def __getattr__(name: str) -> Any:
