@@ -5,12 +5,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 from lightning_rsm.archive import ArchivedEvaluation, ArchiveWriter, load_rsms, probe_fingerprint
+from lightning_rsm.run_comparison import RunComparison, compare_runs
 
 __all__ = [
     "ArchiveWriter",
     "ArchivedEvaluation",
     "RSMMonitor",
+    "RunComparison",
     "__version__",
+    "compare_runs",
     "load_rsms",
     "probe_fingerprint",
 ]
