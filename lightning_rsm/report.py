@@ -51,10 +51,9 @@ def _score_rows(folder: Path, steps: Sequence[int], method: str) -> list[tuple]:
                 scores = rsm_scores(rsm, evaluation.labels, evaluation.logits)
                 rows += [(step, evaluation.epoch, layer, kind, key, float(v))
                          for key, v in scores.items()]  # fmt: skip
-            if previous is not None and layer in previous.rsms:
-                rsa = compare_rsms(
-                    kinds["semantic"], previous.rsms[layer]["semantic"], method=method
-                )
+            before = previous.rsms.get(layer, {}) if previous is not None else {}
+            if "semantic" in kinds and "semantic" in before:
+                rsa = compare_rsms(kinds["semantic"], before["semantic"], method=method)
                 rows.append(
                     (step, evaluation.epoch, layer, "semantic", "rsa_to_previous", float(rsa))
                 )
