@@ -4,7 +4,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RSMMonitor", "__version__"]
+from lightning_rsm.archive import ArchivedEvaluation, ArchiveWriter, load_rsms, probe_fingerprint
+from lightning_rsm.run_comparison import RunComparison, compare_runs
+
+__all__ = [
+    "ArchiveWriter",
+    "ArchivedEvaluation",
+    "RSMMonitor",
+    "RunComparison",
+    "__version__",
+    "compare_runs",
+    "load_rsms",
+    "probe_fingerprint",
+]
 
 
 def __getattr__(name: str) -> Any:

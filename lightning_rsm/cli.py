@@ -1,7 +1,7 @@
-"""Command line: ``lightning-rsm compute`` and ``lightning-rsm demo``.
+"""Command line: ``lightning-rsm compute``, ``compare``, ``report`` and ``demo``.
 
-Only parses arguments and reports; the work is done by :mod:`lightning_rsm.functional` and
-:mod:`lightning_rsm.demo`.
+Only parses arguments and reports; the work is done by :mod:`lightning_rsm.functional`,
+:mod:`lightning_rsm.run_comparison`, :mod:`lightning_rsm.report` and :mod:`lightning_rsm.demo`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS, KERNELS, MATCHERS
+from lightning_rsm.functional.options import (
+    COMPARISON_METHODS,
+    DEFAULT_MAX_POSITIONS,
+    KERNELS,
+    MATCHERS,
+)
 
 _RESERVED = ("labels", "logits")
 _KINDS = ("semantic", "baseline")
@@ -162,6 +167,58 @@ def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) ->
     fig.savefig(png, dpi=80)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from lightning_rsm.run_comparison import compare_runs, comparison_figure, run_name
+
+    names = args.names or [run_name(args.run_a), run_name(args.run_b)]
+    if names[0] == names[1]:
+        names = [str(args.run_a), str(args.run_b)]
+    try:
+        result = compare_runs(
+            args.run_a,
+            args.run_b,
+            evaluation=args.evaluation,
+            step=args.step,
+            method=args.method,
+            kind=args.kind,
+        )
+    except ValueError as error:  # ProbeMismatchError included
+        raise _CliError(str(error)) from None
+    print(result.table(*names))
+    if args.output is not None:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            comparison_figure(result, *names).savefig(args.output, dpi=100)
+        except OSError as error:
+            raise _CliError(f"Expected -o to be a writable file path, but got {error}") from None
+        print(f"\nwrote {args.output}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from lightning_rsm.report import write_report
+
+    try:
+        written = write_report(
+            args.run_dir, args.output, evaluation=args.evaluation, step=args.step
+        )
+    except ValueError as error:
+        raise _CliError(str(error)) from None
+    except OSError as error:
+        raise _CliError(f"Expected -o to be a writable folder, but got {error}") from None
+    print(f"wrote {len(written)} files to {args.output}")
+
+
+def _add_evaluation_choice(parser: argparse.ArgumentParser) -> None:
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--evaluation",
+        type=int,
+        default=-1,
+        help="which archived evaluation, an index in step order (default: -1, the last)",
+    )
+    choice.add_argument("--step", type=int, default=None, help="the evaluation of this step")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from lightning_rsm.demo import run_demo
 
@@ -196,7 +253,8 @@ def _max_positions(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-rsm`` argument parser with its ``compute`` and ``demo`` commands.
+    """The ``lightning-rsm`` argument parser with its ``compute``, ``compare``, ``report`` and
+    ``demo`` commands.
 
     Returns:
         the parser; ``parse_args`` sets ``command`` and ``run`` (the command's function).
@@ -257,6 +315,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a progress bar (default: when stderr is a terminal)",
     )
     compute.set_defaults(run=_compute)
+
+    compare = commands.add_parser(
+        "compare",
+        help="layer x layer RSA of two runs' RSM archives",
+        description=(
+            "Compare every layer of run A with every layer of run B on the same probe: the "
+            "RSA of their archived RSMs (RSMMonitor(save_rsms=True)). RUN is a run's log dir or "
+            "its rsms folder. Prints the matrix; -o draws it. Archives of different probes are "
+            "an error (exit status 2)."
+        ),
+    )
+    compare.add_argument("run_a", type=Path, metavar="RUN_A", help="log dir or rsms folder")
+    compare.add_argument("run_b", type=Path, metavar="RUN_B", help="log dir or rsms folder")
+    compare.add_argument("-o", "--output", type=Path, default=None, help="heatmap file, e.g. a.png")
+    compare.add_argument(
+        "--method",
+        default="spearman",
+        choices=sorted(COMPARISON_METHODS),
+        help="RSA method (default: spearman)",
+    )
+    compare.add_argument(
+        "--kind",
+        default="semantic",
+        choices=_KINDS,
+        help="which RSMs to compare (default: semantic)",
+    )
+    compare.add_argument(
+        "--names", nargs=2, metavar=("NAME_A", "NAME_B"), help="run names for the axes"
+    )
+    _add_evaluation_choice(compare)
+    compare.set_defaults(run=_compare)
+
+    report = commands.add_parser(
+        "report",
+        help="draw a run's archived RSMs and scores into a folder",
+        description=(
+            "From a run's RSM archive, offline: scores.csv and trajectories.png (every score of "
+            "every archived evaluation), the heatmaps of one evaluation and its layer x layer "
+            "RSA, as RSMMonitor logs them."
+        ),
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN", help="log dir or rsms folder")
+    report.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="FOLDER", help="output folder"
+    )
+    _add_evaluation_choice(report)
+    report.set_defaults(run=_report)
 
     demo = commands.add_parser(
         "demo",
