@@ -673,13 +673,14 @@ def neighbours_figure(
         dpi=100,
         layout="constrained",
     )
+    fig.get_layout_engine().set(w_pad=0.08, h_pad=0.08)  # room for the frames at the edges
     blocks = fig.subfigures(1, 1 + len(rsms), width_ratios=[1.25] + [k] * len(rsms), wspace=0.02)
     query_axes = blocks[0].subplots(len(rows), 1, squeeze=False)[:, 0]
     blocks[0].suptitle("query", fontsize=9)
     for ax, q in zip(query_axes, rows, strict=True):
         _show_image(ax, images[q])
         _frame(ax, "black", 1.5)
-        ax.set_title(_label_text(labels, q), fontsize=7, pad=2)
+        ax.set_title(_label_text(labels, q), fontsize=8, pad=2)
         ax.set_gid(f"query/{q}")
     for block, (kind, (indices, scores)) in zip(blocks[1:], found.items(), strict=True):
         block.suptitle(f"{kind}: top {k}", fontsize=9)
@@ -694,7 +695,7 @@ def neighbours_figure(
                 )
                 _frame(ax, colour, 2.5)
                 ax.set_title(f"{fmt.format(float(scores[r, rank]))} {_label_text(labels, j)}",
-                             fontsize=7, pad=2)  # fmt: skip
+                             fontsize=8, pad=2)  # fmt: skip
                 ax.set_gid(f"{kind}/{q}/{rank}")
     when = _when(epoch, step)
     title = ": ".join(
@@ -811,6 +812,8 @@ def history_figure(
             ax.plot(xs, ys, _STYLES[kind], color=colours.get(layer, "black"), marker="o",
                     markersize=3, linewidth=1.4, gid=f"{layer}/{kind or '-'}/{score}")  # fmt: skip
         ax.set_title(_score_title(score), fontsize=9)
+        if score == "time_s":
+            ax.set_ylim(bottom=0.0)  # a duration reads against zero
         ax.set_xlabel(x, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
