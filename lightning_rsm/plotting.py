@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
@@ -264,10 +265,9 @@ def draw_rsm(
         ax.set_xlabel("sample (sorted by first label)", fontsize=8)
     else:
         boundaries, centres, ids = _class_blocks(labels.detach().cpu()[label_order(labels)])
-        if len(ids) <= 50:
-            for b in boundaries:
-                ax.axhline(b, color="white", linewidth=0.6)
-                ax.axvline(b, color="white", linewidth=0.6)
+        if len(ids) <= 50 and boundaries:
+            ax.hlines(boundaries, -0.5, n - 0.5, color="white", linewidth=0.6, gid="boundaries")
+            ax.vlines(boundaries, -0.5, n - 0.5, color="white", linewidth=0.6, gid="boundaries")
         every = math.ceil(len(ids) / 12)
         size = 8 if len(ids) <= 12 else 6
         ax.set_xticks(centres[::every], labels=ids[::every], fontsize=size)
@@ -590,26 +590,15 @@ def _score_format(scores: Tensor) -> str:
     return f"{{:.{decimals}f}}"
 
 
-def _show_image(ax: Axes, image: Tensor) -> None:
-    """One image ``(C, H, W)``, contrast stretched to its own min and max."""
-    low, high = float(image.min()), float(image.max())
-    image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
-    pixels = image.permute(1, 2, 0).numpy()
-    if pixels.shape[2] == 1:
-        ax.imshow(pixels[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    else:
-        ax.imshow(pixels, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+def _stretched(images: Tensor) -> np.ndarray:
+    """Images ``(B, C, H, W)`` as RGB ``(B, H, W, 3)`` in [0, 1], each stretched to its range."""
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    span = images.amax(dim=(1, 2, 3), keepdim=True) - low
+    images = torch.where(span > 0, (images - low) / span.clamp(min=1e-12), torch.zeros_like(images))
+    return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
 
 
 _RIGHT, _WRONG, _UNKNOWN = "#1a9e3a", "#d62728", "#bbbbbb"
-
-
-def _frame(ax: Axes, colour: str, width: float) -> None:
-    for spine in ax.spines.values():
-        spine.set_edgecolor(colour)
-        spine.set_linewidth(width)
 
 
 def neighbours_figure(
@@ -629,7 +618,8 @@ def neighbours_figure(
     query, its :func:`nearest_neighbours` under each RSM (e.g. semantic, then baseline), each
     with its RSM entry and label. A green frame marks a neighbour of the query's class (for
     multi-hot labels: sharing a label), a red one any other; without labels frames are grey.
-    Each image is contrast stretched to its own range.
+    Each image is contrast stretched to its own range. The images are laid out as one mosaic
+    in one axes, which keeps drawing fast.
 
     Args:
         rsms: kind -> tensor of shape ``(N, N)``, one block of columns each.
@@ -642,8 +632,8 @@ def neighbours_figure(
         step: shown in the title when given.
 
     Returns:
-        a new ``Figure``; each neighbour's axes has the gid ``"<kind>/<query>/<rank>"``, each
-        query's ``"query/<query>"``.
+        a new ``Figure``; each neighbour's frame (a ``Rectangle``) and caption (a ``Text``)
+        have the gid ``"<kind>/<query>/<rank>"``, each query's ``"query/<query>"``.
 
     Raises:
         ValueError: If ``rsms`` is empty, ``images`` is not ``(N, 1 | 3, H, W)`` with the
@@ -653,7 +643,7 @@ def neighbours_figure(
         >>> rsm = torch.eye(4) + 0.1
         >>> fig = neighbours_figure({"semantic": rsm}, torch.rand(4, 1, 8, 8),
         ...                         torch.tensor([0, 0, 1, 1]), k=2)
-        >>> sorted(ax.get_gid() for ax in fig.axes)
+        >>> sorted(frame.get_gid() for frame in fig.axes[0].patches)
         ['query/0', 'query/2', 'semantic/0/0', 'semantic/0/1', 'semantic/2/0', 'semantic/2/1']
     """
     if not rsms:
@@ -664,49 +654,61 @@ def neighbours_figure(
         raise ValueError(
             f"Expected `images` of shape (N = {n}, 1 | 3, H, W) like the RSMs, but got {shape}."
         )
-    images = images.detach().float().cpu()
     labels = None if labels is None else labels.detach().cpu()
     rows = query_indices(labels, n) if queries is None else [int(q) for q in queries]
     found = {kind: nearest_neighbours(rsm, rows, k) for kind, rsm in rsms.items()}
-    fig = Figure(
-        figsize=(1.1 * (1 + k * len(rsms)) + 0.3 * len(rsms), 1.15 * len(rows) + 0.9),
-        dpi=100,
-        layout="constrained",
-    )
-    fig.get_layout_engine().set(w_pad=0.08, h_pad=0.08)  # room for the frames at the edges
-    blocks = fig.subfigures(1, 1 + len(rsms), width_ratios=[1.25] + [k] * len(rsms), wspace=0.02)
-    query_axes = blocks[0].subplots(len(rows), 1, squeeze=False)[:, 0]
-    blocks[0].suptitle("query", fontsize=9)
-    for ax, q in zip(query_axes, rows, strict=True):
-        _show_image(ax, images[q])
-        _frame(ax, "black", 1.5)
-        ax.set_title(_label_text(labels, q), fontsize=8, pad=2)
-        ax.set_gid(f"query/{q}")
-    for block, (kind, (indices, scores)) in zip(blocks[1:], found.items(), strict=True):
-        block.suptitle(f"{kind}: top {k}", fontsize=9)
-        axes = block.subplots(len(rows), k, squeeze=False)
-        fmt = _score_format(scores)
+    # the mosaic, in pixels of the images: a cell is a caption band over a padded image
+    height, width = images.shape[-2:]
+    pad = max(1, round(0.1 * max(height, width)))
+    band = round(0.3 * height)
+    cell_w, cell_h = width + 2 * pad, height + 2 * pad + band
+    gap = cell_w // 3  # between the query column and each block of neighbours
+    block_x = [0] + [cell_w + gap + b * (k * cell_w + gap) for b in range(len(rsms))]
+    total_w, total_h = block_x[-1] + k * cell_w, len(rows) * cell_h
+    canvas = np.ones((total_h, total_w, 3))
+    shown = [q for q in rows] + [int(j) for indices, _ in found.values() for j in indices.flatten()]
+    pixels = dict(zip(shown, _stretched(images.detach().float().cpu()[shown]), strict=True))
+    inch = cell_w / 1.1  # image pixels per inch: a cell is 1.1 inch wide
+    header = 0.3 * cell_h
+    fig = Figure(figsize=((total_w + pad) / inch, (total_h + header) / inch + 0.55), dpi=100)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.55 / fig.get_size_inches()[1]))
+    ax.set_axis_off()
+
+    def cell(x0: int, r: int, sample: int, colour: str, line: float, text: str, gid: str) -> None:
+        y0 = r * cell_h + band + pad
+        canvas[y0 : y0 + height, x0 + pad : x0 + pad + width] = pixels[sample]
+        d = 0.35 * pad
+        frame = Rectangle((x0 + pad - 0.5 - d, y0 - 0.5 - d), width + 2 * d, height + 2 * d,
+                          fill=False, edgecolor=colour, linewidth=line, gid=gid)  # fmt: skip
+        ax.add_patch(frame)
+        ax.text(x0 + cell_w / 2, y0 - pad, text, ha="center", va="bottom", fontsize=8, gid=gid)
+
+    for r, q in enumerate(rows):
+        cell(0, r, q, "black", 1.2, _label_text(labels, q), f"query/{q}")
+    ax.text(cell_w / 2, -header / 2, "query", ha="center", va="center", fontsize=9)
+    # one number format for all blocks, fine enough for the closest-spaced block's scores
+    fmt = _score_format(min((s for _, s in found.values()), key=lambda s: float(s.max() - s.min())))
+    for x0, (kind, (indices, scores)) in zip(block_x[1:], found.items(), strict=True):
         for r, q in enumerate(rows):
             for rank in range(k):
-                j, ax = int(indices[r, rank]), axes[r, rank]
-                _show_image(ax, images[j])
+                j = int(indices[r, rank])
                 colour = (
-                    _UNKNOWN if labels is None else (_RIGHT if _relevant(labels, q, j) else _WRONG)
+                    _UNKNOWN if labels is None else _RIGHT if _relevant(labels, q, j) else _WRONG
                 )
-                _frame(ax, colour, 2.5)
-                ax.set_title(f"{fmt.format(float(scores[r, rank]))} {_label_text(labels, j)}",
-                             fontsize=8, pad=2)  # fmt: skip
-                ax.set_gid(f"{kind}/{q}/{rank}")
+                text = f"{fmt.format(float(scores[r, rank]))} {_label_text(labels, j)}"
+                cell(x0 + rank * cell_w, r, j, colour, 2.5, text, f"{kind}/{q}/{rank}")
+        ax.text(x0 + k * cell_w / 2, -header / 2, f"{kind}: top {k}", ha="center", va="center",
+                fontsize=9)  # fmt: skip
+    ax.imshow(canvas, extent=(-0.5, total_w - 0.5, total_h - 0.5, -0.5), interpolation="nearest")
+    ax.set_xlim(-0.5 - pad, total_w - 0.5)
+    ax.set_ylim(total_h - 0.5, -header)
     when = _when(epoch, step)
-    title = ": ".join(
-        part
-        for part in (f"nearest neighbours in {layer}" if layer else "nearest neighbours", when)
-        if part
-    )
+    title = f"nearest neighbours in {layer}" if layer else "nearest neighbours"
+    title += f": {when}" if when else ""
     if labels is not None:
         title += "\n(green frame: same class" + (" / shared label" if labels.ndim > 1 else "")
         title += ", red: other)"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=0.995, va="top")
     return fig
 
 

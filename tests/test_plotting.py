@@ -97,7 +97,10 @@ def test_heatmap_ticks_are_the_class_ids_with_boundaries_and_a_titled_layer():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "3"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "3"]
     assert ax.get_xticks().tolist() == [1.5, 5.5, 9.5]  # the centres of blocks of 4
-    assert len(ax.lines) == 2 * 2  # two boundaries, on both axes
+    boundaries = [c for c in ax.collections if c.get_gid() == "boundaries"]
+    lines = [segment.tolist() for c in boundaries for segment in c.get_segments()]
+    assert lines == [[[-0.5, 3.5], [11.5, 3.5]], [[-0.5, 7.5], [11.5, 7.5]],  # rows
+                     [[3.5, -0.5], [3.5, 11.5]], [[7.5, -0.5], [7.5, 11.5]]]  # fmt: skip
     assert fig.get_suptitle() == "blocks.3: epoch 4, step 120"
     assert torch.equal(torch.as_tensor(ax.images[0].get_array()), sort_by_label(rsm, LABELS))
 
@@ -106,7 +109,7 @@ def test_multi_label_heatmaps_are_sorted_without_class_ticks():
     multi_hot = torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0], [0, 1]])
     rsm = _classes_rsm(torch.tensor([1, 0, 0, 2, 1]))
     ax = heatmap_figure({"semantic": rsm}, multi_hot).axes[0]
-    assert ax.get_xticks().tolist() == [] and len(ax.lines) == 0
+    assert ax.get_xticks().tolist() == [] and len(ax.collections) == 0
     assert torch.equal(torch.as_tensor(ax.images[0].get_array()), sort_by_label(rsm, multi_hot))
 
 
@@ -131,21 +134,22 @@ def test_neighbours_are_the_top_k_others_and_their_frames_mark_the_class():
     baseline = _classes_rsm(LABELS, seed=2)
     images = torch.rand(len(LABELS), 3, 6, 6)
     fig = neighbours_figure({"semantic": rsm, "baseline": baseline}, images, LABELS, k=3)
-    drawn = {ax.get_gid(): ax for ax in fig.axes}
+    ax = fig.axes[0]
+    frames = {patch.get_gid(): patch for patch in ax.patches}
+    captions = {text.get_gid(): text.get_text() for text in ax.texts if text.get_gid()}
     queries = query_indices(LABELS, len(LABELS))
     assert queries == [1, 2, 0]  # the first sample of classes 0, 1 and 3
+    assert len(frames) == len(queries) * (1 + 2 * 3)
     for kind, matrix in (("semantic", rsm), ("baseline", baseline)):
         for q in queries:
             others = sorted((j for j in range(len(LABELS)) if j != q), key=lambda j: -matrix[q, j])
             for rank, j in enumerate(others[:3]):
-                ax = drawn[f"{kind}/{q}/{rank}"]
-                assert ax.get_title().endswith(f"y={int(LABELS[j])}")
-                assert float(ax.get_title().split()[0]) == pytest.approx(
-                    float(matrix[q, j]), abs=0.01
-                )
-                colour = matplotlib.colors.to_hex(ax.spines["top"].get_edgecolor())
-                expected = "#1a9e3a" if LABELS[j] == LABELS[q] else "#d62728"
-                assert colour == expected
+                gid = f"{kind}/{q}/{rank}"
+                score, label = captions[gid].split()
+                assert label == f"y={int(LABELS[j])}"
+                assert float(score) == pytest.approx(float(matrix[q, j]), abs=0.01)
+                colour = matplotlib.colors.to_hex(frames[gid].get_edgecolor())
+                assert colour == ("#1a9e3a" if LABELS[j] == LABELS[q] else "#d62728")
     assert "green" in fig.get_suptitle()
 
 
@@ -156,9 +160,7 @@ def test_neighbours_of_a_multi_hot_probe_are_right_when_they_share_a_label():
     fig = neighbours_figure(
         {"semantic": rsm}, torch.rand(4, 1, 5, 5), multi_hot, queries=[0, 3], k=2
     )
-    marks = {
-        ax.get_gid(): matplotlib.colors.to_hex(ax.spines["left"].get_edgecolor()) for ax in fig.axes
-    }
+    marks = {p.get_gid(): matplotlib.colors.to_hex(p.get_edgecolor()) for p in fig.axes[0].patches}
     # query 0 {0}: sample 2 {2} (0.9) wrong, sample 3 {1, 2} (0.5) wrong
     # query 3 {1, 2}: sample 1 {0, 1} (0.8) right, sample 0 {0} (0.5) wrong
     assert marks["semantic/0/0"] == "#d62728" and marks["semantic/0/1"] == "#d62728"
