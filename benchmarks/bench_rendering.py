@@ -2,14 +2,15 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/bench_rendering.py [--n 120 500] [--repeats 3]
+    PYTHONPATH=. python benchmarks/bench_rendering.py [--n 120 500] [--repeats 5]
 
 For each N: one exact cosine semantic RSM of random ReLU features ``(N, 64, 7, 7)`` (S = 49,
 one layer of a monitor's evaluation), then each figure of :mod:`lightning_rsm.plotting` drawn
 and rendered to an RGB array (:func:`~lightning_rsm.plotting.figure_to_rgb`, what a logger
-gets), the median of ``--repeats``: the layer's heatmap pair, its neighbours (8 queries, top 5,
-``(N, 1, 32, 32)`` images), the 3-layer RSA matrix and the history of 30 evaluations of 3
-layers. Prints seconds and each figure's time as a fraction of the RSM's.
+gets), the median of ``--repeats`` after one warm-up: the layer's heatmap pair, its
+neighbours (8 queries, top 5, ``(N, 1, 32, 32)`` images), the 3-layer RSA matrix and the
+history of 30 evaluations of 3 layers. Prints seconds and each figure's time as a fraction
+of the RSM's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from lightning_rsm.plotting import (
 
 
 def seconds(draw: Callable[[], Figure], repeats: int) -> float:
-    """Median wall time of drawing a figure and rendering it to an RGB array."""
+    """Median wall time of drawing a figure and rendering it to an RGB array (after a warm-up
+    draw, which loads fonts and caches layouts once per process)."""
+    figure_to_rgb(draw())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -62,7 +65,7 @@ def history(evaluations: int, layers: list[str]) -> list[dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[120, 500], help="probe sizes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
