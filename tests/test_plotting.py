@@ -247,3 +247,39 @@ def test_figures_render_to_images_without_pyplot_state():
     assert image.shape == (round(height), round(width), 3) and image.dtype == np.uint8
     assert figure_to_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
     assert plt.get_fignums() == before
+
+
+_RSM = torch.eye(3) + 0.1
+_IMAGES = torch.rand(3, 1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("draw", "match"),
+    [
+        (lambda: data_colour_range([]), "at least one"),
+        (lambda: data_colour_range([_RSM], percentiles=(50.0, 10.0)), "`percentiles`"),
+        (lambda: data_colour_range([torch.full((2, 2), float("nan"))]), "finite"),
+        (lambda: data_colour_range([torch.ones(3)]), "2D"),
+        (lambda: next_colour_range((1.0, 0.0), [_RSM]), "`previous`"),
+        (lambda: heatmap_figure({}), "at least one kind"),
+        (lambda: heatmap_figure({"a": _RSM, "b": torch.eye(4)}), "one shape"),
+        (lambda: heatmap_figure({"a": _RSM}, colour_range=(1.0, 1.0)), "`colour_range`"),
+        (lambda: heatmap_figure({"a": torch.ones(3, 4)}), r"\(N, N\)"),
+        (lambda: heatmap_figure({"a": _RSM}, torch.tensor([0, 1])), "`labels`"),
+        (lambda: rsa_figure(torch.ones(2, 3), ["a", "b"]), r"\(L, L\)"),
+        (lambda: rsa_figure(torch.eye(2), ["a"]), "`layers`"),
+        (lambda: query_indices(torch.tensor([0, 1]), 3), "`labels`"),
+        (lambda: query_indices(None, 0), "`n`"),
+        (lambda: nearest_neighbours(torch.ones(2, 3), [0], 1), r"\(N, N\)"),
+        (lambda: nearest_neighbours(_RSM, [3], 1), "`queries`"),
+        (lambda: neighbours_figure({}, _IMAGES), "at least one kind"),
+        (lambda: neighbours_figure({"a": _RSM}, torch.rand(4, 1, 4, 4)), "`images`"),
+        (lambda: neighbours_figure({"a": _RSM}, torch.rand(3, 8)), "`images`"),
+        (lambda: history_figure([]), "at least one"),
+        (lambda: history_figure([{"epoch": 0}], x="time"), "`x`"),
+        (lambda: history_figure([{"epoch": 0}], x="step"), "'step'"),
+    ],
+)
+def test_bad_inputs_fail_with_a_message_naming_them(draw, match):
+    with pytest.raises(ValueError, match=match):
+        draw()
