@@ -2,14 +2,16 @@
 
 Figures (pure functions returning a matplotlib ``Figure``; no pyplot state, Agg rendering):
 
-=========================  =====================================================================
-:func:`heatmap_figure`     one layer's semantic and baseline RSMs side by side, one colour
-                           scale and colour bar, class boundaries and ticks, layer and epoch
-:func:`rsa_figure`         the layer x layer RSA matrix, names on both axes, values in cells
-:func:`neighbours_figure`  fixed query images and their top-k neighbours per RSM, right and
-                           wrong marked
-:func:`history_figure`     every score over the evaluations, a panel per score
-=========================  =====================================================================
+==========================  ====================================================================
+:func:`evaluation_figures`  all of one evaluation's figures by tag, and the colour ranges to
+                            hold for the next evaluation
+:func:`heatmap_figure`      one layer's semantic and baseline RSMs side by side, one colour
+                            scale and colour bar, class boundaries and ticks, layer and epoch
+:func:`rsa_figure`          the layer x layer RSA matrix, names on both axes, values in cells
+:func:`neighbours_figure`   fixed query images and their top-k neighbours per RSM, right and
+                            wrong marked
+:func:`history_figure`      every score over the evaluations, a panel per score
+==========================  ====================================================================
 
 Helpers: :func:`label_order` (the one sample order), :func:`draw_rsm` (one RSM into an axes),
 :func:`data_colour_range` and :func:`next_colour_range` (colour scales from the data, and the
@@ -831,6 +833,80 @@ def history_figure(
                    fontsize=8, frameon=False)  # fmt: skip
     fig.suptitle("RSM scores over training", fontsize=11)
     return fig
+
+
+# --- one evaluation ------------------------------------------------------------------------------
+
+
+def evaluation_figures(
+    rsms: Mapping[str, Mapping[str, Tensor]],
+    labels: Tensor | None = None,
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
+    previous_ranges: Mapping[str, tuple[float, float]] | None = None,
+    heatmap_range: tuple[float, float] | None = None,
+    kernel: str | None = None,
+    layer_rsa: Tensor | None = None,
+    method: str = "spearman",
+    images: Tensor | None = None,
+    k: int = 5,
+) -> tuple[dict[str, Figure], dict[str, tuple[float, float]]]:
+    """Every picture of one evaluation, by tag, and the colour ranges to hold for the next.
+
+    Per layer a :func:`heatmap_figure` (tag ``rsm/<layer>/heatmap``) on ``heatmap_range`` if
+    given, else on :func:`next_colour_range` of the layer's previous range; with ``images``
+    a :func:`neighbours_figure` (``rsm/<layer>/neighbours``); with ``layer_rsa`` and more than
+    one layer a :func:`rsa_figure` (``rsm/layer_rsa``).
+
+    Args:
+        rsms: ``{layer: {kind: (N, N) RSM}}``, layers in the order of ``layer_rsa``'s rows.
+        labels: class ids ``(N,)``, multi-hot ``(N, L)`` or ``None``.
+        epoch: shown in the titles when given.
+        step: shown in the titles when given.
+        previous_ranges: ``{layer: (vmin, vmax)}`` returned by the last evaluation; default
+            none (each layer's range comes from its data).
+        heatmap_range: a fixed ``(vmin, vmax)`` for every heatmap (then the ranges returned
+            are this one).
+        kernel: names the heatmaps' colour bars.
+        layer_rsa: ``(L, L)`` RSA of the layers' semantic RSMs.
+        method: the RSA method, for its title.
+        images: the probe as images ``(N, 1 | 3, H, W)`` (:func:`as_images`), or ``None``.
+        k: neighbours per query and RSM.
+
+    Returns:
+        ``({tag: Figure}, {layer: (vmin, vmax)})``.
+
+    Example:
+        >>> rsm = torch.tensor([[1.0, 0.2, 0.6], [0.2, 1.0, 0.4], [0.6, 0.4, 1.0]])
+        >>> rsms = {"a": {"semantic": rsm, "baseline": rsm / 2}, "b": {"semantic": rsm}}
+        >>> figures, ranges = evaluation_figures(rsms, layer_rsa=torch.eye(2), epoch=1)
+        >>> sorted(figures)
+        ['rsm/a/heatmap', 'rsm/b/heatmap', 'rsm/layer_rsa']
+        >>> [round(value, 2) for value in ranges["a"]]        # both kinds on one scale
+        [0.1, 0.6]
+    """
+    previous_ranges = {} if previous_ranges is None else previous_ranges
+    figures: dict[str, Figure] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    for layer, kinds in rsms.items():
+        if heatmap_range is None:
+            ranges[layer] = next_colour_range(previous_ranges.get(layer), list(kinds.values()))
+        else:
+            ranges[layer] = heatmap_range
+        figures[f"rsm/{layer}/heatmap"] = heatmap_figure(
+            kinds, labels, layer=layer, epoch=epoch, step=step, colour_range=ranges[layer],
+            kernel=kernel,
+        )  # fmt: skip
+        if images is not None:
+            figures[f"rsm/{layer}/neighbours"] = neighbours_figure(
+                kinds, images, labels, k=k, layer=layer, epoch=epoch, step=step
+            )
+    if layer_rsa is not None and len(rsms) > 1:
+        figures["rsm/layer_rsa"] = rsa_figure(
+            layer_rsa, list(rsms), method=method, epoch=epoch, step=step
+        )
+    return figures, ranges
 
 
 # --- rendering -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from lightning_rsm.metrics import SemanticRSM
 from lightning_rsm.plotting import (
     as_images,
     data_colour_range,
+    evaluation_figures,
     figure_to_png,
     figure_to_rgb,
     heatmap_figure,
@@ -247,6 +248,27 @@ def test_figures_render_to_images_without_pyplot_state():
     assert image.shape == (round(height), round(width), 3) and image.dtype == np.uint8
     assert figure_to_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
     assert plt.get_fignums() == before
+
+
+def test_one_evaluation_draws_every_picture_and_holds_each_layers_range():
+    rsm = _classes_rsm(LABELS)
+    rsms = {"conv": {"semantic": rsm, "baseline": rsm * 0.9}, "fc": {"semantic": rsm**2}}
+    images = torch.rand(len(LABELS), 1, 6, 6)
+    figures, ranges = evaluation_figures(
+        rsms, LABELS, epoch=1, step=7, layer_rsa=torch.eye(2), images=images, k=2
+    )
+    assert sorted(figures) == ["rsm/conv/heatmap", "rsm/conv/neighbours", "rsm/fc/heatmap",
+                               "rsm/fc/neighbours", "rsm/layer_rsa"]  # fmt: skip
+    assert ranges["conv"] == data_colour_range([rsm, rsm * 0.9])
+    assert figures["rsm/conv/heatmap"].axes[0].images[0].get_clim() == ranges["conv"]
+    assert "epoch 1, step 7" in figures["rsm/fc/heatmap"].get_suptitle()
+    # the next evaluation: a near RSM keeps the held range, a saturated one gets its own
+    later = {"conv": {"semantic": rsm * 0.95}, "fc": {"semantic": _saturated(rsm)}}
+    figures, next_ranges = evaluation_figures(later, LABELS, previous_ranges=ranges)
+    assert sorted(figures) == ["rsm/conv/heatmap", "rsm/fc/heatmap"]  # no images, no layer_rsa
+    assert next_ranges == {"conv": ranges["conv"], "fc": data_colour_range([_saturated(rsm)])}
+    _, fixed = evaluation_figures(later, LABELS, previous_ranges=ranges, heatmap_range=(0.0, 1.0))
+    assert fixed == {"conv": (0.0, 1.0), "fc": (0.0, 1.0)}
 
 
 _RSM = torch.eye(3) + 0.1
