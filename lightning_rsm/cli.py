@@ -119,7 +119,7 @@ def _compute(args: argparse.Namespace) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(rsms, out)
-        _save_heatmaps(rsms, labels, png)
+        _save_heatmaps(rsms, labels, args.kernel, png)
     except OSError as error:
         raise _CliError(f"Expected OUT to be a writable file path, but got {error}") from None
     print(_table(rows))
@@ -142,29 +142,20 @@ def _table(rows: Sequence[tuple[str, str, dict[str, Tensor]]]) -> str:
     return "\n".join(line(values) for values in [header, *cells])
 
 
-def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, png: Path) -> None:
+def _save_heatmaps(rsms: dict[str, Tensor], labels: Tensor | None, kernel: str, png: Path) -> None:
     from matplotlib.figure import Figure
 
-    from lightning_rsm.plotting import sort_by_label
+    from lightning_rsm.plotting import figure_to_png, heatmap_figure
 
     layers = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in rsms))
     kinds = [k for k in _KINDS if any(name.endswith(f"/{k}") for name in rsms)]
-    fig = Figure(figsize=(4 * len(kinds), 3.6 * len(layers)), layout="constrained")
-    axes = fig.subplots(len(layers), len(kinds), squeeze=False)
-    for row, layer in enumerate(layers):
-        values = [rsms[f"{layer}/{kind}"] for kind in kinds]
-        vmin = min(float(v.min()) for v in values)
-        vmax = max(float(v.max()) for v in values)
-        for col, (kind, rsm) in enumerate(zip(kinds, values, strict=True)):
-            ax = axes[row][col]
-            image = ax.imshow(
-                sort_by_label(rsm, labels).numpy(), vmin=vmin, vmax=vmax, cmap="viridis"
-            )
-            ax.set_title(f"{layer}: {kind}")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.colorbar(image, ax=list(axes[row]))
-    fig.savefig(png, dpi=80)
+    fig = Figure(figsize=(3.6 * len(kinds) + 1.2, 4.2 * len(layers)), dpi=100, layout="constrained")
+    for layer, part in zip(
+        layers, fig.subfigures(len(layers), 1, squeeze=False)[:, 0], strict=True
+    ):
+        kind_rsms = {kind: rsms[f"{layer}/{kind}"] for kind in kinds}
+        heatmap_figure(kind_rsms, labels, layer=layer, kernel=kernel, figure=part)
+    png.write_bytes(figure_to_png(fig))
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from lightning_rsm.functional.options import (
 )
 from lightning_rsm.functional.scores import rsm_scores
 from lightning_rsm.metrics._base import _SemanticRSMBase
-from lightning_rsm.plotting import label_order
+from lightning_rsm.plotting import draw_rsm
 
 
 class SemanticRSM(_SemanticRSMBase):
@@ -207,7 +207,9 @@ class SemanticRSM(_SemanticRSMBase):
     def plot(
         self, val: dict[str, Tensor] | Tensor | None = None, ax: _AX_TYPE | None = None
     ) -> _PLOT_OUT_TYPE:
-        """Draw the RSM as a heatmap, samples sorted by label (when labels were stored).
+        """Draw the RSM with :func:`~lightning_rsm.plotting.draw_rsm`: samples sorted by label
+        (when labels were stored), class boundaries and ticks, a colour scale from the data
+        (off-diagonal 1st-99th percentiles) and a colour bar.
 
         Args:
             val: a result of ``compute()`` (or its ``"rsm"``); default: call ``compute()``.
@@ -220,30 +222,18 @@ class SemanticRSM(_SemanticRSMBase):
             ModuleNotFoundError: If matplotlib is not installed.
         """
         _error_on_missing_matplotlib()
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         val = self.compute() if val is None else val
         rsm = val["rsm"] if isinstance(val, dict) else val
-        order = torch.arange(rsm.shape[0])
-        boundaries: list[float] = []
-        by_label = bool(len(self.labels)) and dim_zero_cat(self.labels).shape[0] == rsm.shape[0]
-        if by_label:
-            labels = dim_zero_cat(self.labels).cpu()
-            order = label_order(labels)
-            if labels.ndim == 1:
-                ranked = labels[order]
-                boundaries = [i - 0.5 for i in range(1, len(ranked)) if ranked[i] != ranked[i - 1]]
-        fig, ax = plt.subplots() if ax is None else (ax.get_figure(), ax)
-        image = ax.imshow(rsm.detach().cpu()[order][:, order].float().numpy(), cmap="viridis")
-        for b in boundaries:
-            ax.axhline(b, color="white", linewidth=0.5)
-            ax.axvline(b, color="white", linewidth=0.5)
-        fig.colorbar(image, ax=ax, label=f"{self.kernel} similarity")
+        labels = dim_zero_cat(self.labels).cpu() if len(self.labels) else None
+        if labels is not None and labels.shape[0] != rsm.shape[0]:
+            labels = None  # an RSM of other samples than the stored ones: probe order
+        if ax is None:
+            ax = Figure(figsize=(5.0, 4.4), dpi=100, layout="constrained").subplots()
         title = f"semantic RSM ({self.kernel}, {self.matcher})"
         if isinstance(val, dict) and "map" in val:
             title += f", mAP {float(val['map']):.3f}"
-        ax.set_title(title)
-        axis_label = f"sample (sorted by {'label' if by_label else 'index'})"
-        ax.set_xlabel(axis_label)
-        ax.set_ylabel(axis_label)
+        draw_rsm(ax, rsm, labels, title=title, colour_bar=f"{self.kernel} similarity")
+        fig = ax.get_figure()
         return fig, ax
