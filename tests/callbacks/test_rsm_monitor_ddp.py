@@ -27,8 +27,9 @@ from lightning_rsm.functional import (
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path,
-                                                                          background):  # fmt: skip
+def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(
+    data, probe, tmp_path, background
+):
     """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks (with
     ``background``, on each rank's worker, in a gloo group of the workers' own)."""
     pl.seed_everything(0, verbose=False)
@@ -98,8 +99,9 @@ class SaveWhatEachRankSaw(Callback):
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe, tmp_path,
-                                                                    background):  # fmt: skip
+def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(
+    data, probe, tmp_path, background
+):
     monitor = RSMMonitor(probe, ["conv"], background=background)
     trainer = pl.Trainer(
         callbacks=[monitor, SaveWhatEachRankSaw(tmp_path)],
@@ -110,8 +112,10 @@ def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe,
     for rank_saw in seen:
         assert rank_saw["epochs"] == 3  # both ranks finished the fit
         assert [row["epoch"] for row in rank_saw["history"]] == [0, 2]
-    untimed = [[{k: v for k, v in row.items() if k != "rsm/time_s"} for row in rank_saw["history"]]
-               for rank_saw in seen]  # fmt: skip
+    untimed = [
+        [{k: v for k, v in row.items() if k != "rsm/time_s"} for row in rank_saw["history"]]
+        for rank_saw in seen
+    ]
     assert untimed[0] == untimed[1]
     # rank 0 warns (rank_zero_warn) about rank 1's failure; rank 1 stays quiet
     assert len(seen[0]["warnings"]) == 1
