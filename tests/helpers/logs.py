@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+import time
 from collections import defaultdict
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,16 +64,30 @@ def _wandb_records(path: str) -> list[bytes]:
     return records
 
 
+def _wandb_run(path: str, timeout_s: float = 60) -> list:
+    """The records of a finished offline run; W&B's service may still be writing the file after
+    ``wandb.finish()`` returns, so wait for its exit record."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout_s  # a guard against a hang, not a measurement
+    while True:
+        records = []
+        for data in _wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record"
+        time.sleep(0.1)
+
+
 def wandb_steps(save_dir: str) -> dict[str, list[int]]:
     """Key -> the ``trainer/global_step`` of each of its values (scalars and images) in the
     offline W&B run under ``save_dir``."""
-    from wandb.proto import wandb_internal_pb2
-
     (path,) = glob.glob(os.path.join(save_dir, "wandb", "offline-run-*", "*.wandb"))
     steps: dict[str, list[int]] = defaultdict(list)
-    for data in _wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in _wandb_run(path):
         if record.WhichOneof("record_type") != "history":
             continue
         # a scalar is one item; an image is an item per field, its key the first part
