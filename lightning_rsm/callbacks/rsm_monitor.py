@@ -57,10 +57,10 @@ class RSMMonitor(*CALLBACK_BASES):
     ``trainer.callback_metrics``, the same on every rank (no ``sync_dist`` needed, no warning
     under DDP), so ``ModelCheckpoint``, ``EarlyStopping`` or any callback monitoring an ``rsm/``
     key finds it from the first evaluation on, whatever its own schedule; before the first
-    evaluation the key is missing (``ModelCheckpoint`` and a strict ``EarlyStopping`` then
-    raise), so let the reader's schedule start with the monitor's (e.g. both
-    ``every_n_epochs=2``), and list ``RSMMonitor`` before an ``EarlyStopping`` that checks in
-    ``on_train_epoch_end`` (a checkpoint callback always runs last).
+    evaluation the key is missing (``ModelCheckpoint`` after a validation and a strict
+    ``EarlyStopping`` then raise; otherwise they warn and skip), and between evaluations a
+    reader sees the latest score again (an ``EarlyStopping`` counts that against its
+    ``patience``), so give a reader the monitor's schedule (e.g. both ``every_n_epochs=2``).
 
     With ``background=True`` only the probe forward runs in the hook; the RSMs, scores and images
     are computed by a worker thread while training goes on, with the same numbers as
