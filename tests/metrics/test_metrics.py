@@ -150,7 +150,10 @@ def test_plot_sorts_samples_by_label():
     assert "mAP" in ax.get_title()
     assert len(ax.lines) == 2 * (len(labels.unique()) - 1)  # class boundaries, both axes
     plt.close(fig)
-    fig, ax = RSMComparison().plot(torch.tensor([0.2, 0.5, 0.7]))
+    series = [torch.tensor(0.2), torch.tensor(0.5), torch.tensor(0.7)]  # one value per epoch
+    fig, ax = RSMComparison().plot(series)
+    (line,) = ax.lines
+    torch.testing.assert_close(torch.as_tensor(line.get_ydata()), torch.stack(series))
     plt.close(fig)
 
 
