@@ -225,35 +225,8 @@ class RSMMonitor(*CALLBACK_BASES):
         solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
     ) -> None:
-        self.config = MonitorConfig(
-            layers=layers,  # type: ignore[arg-type]  # checked and made a tuple there
-            probe=probe,
-            every_n_epochs=every_n_epochs,
-            every_n_train_steps=every_n_train_steps,
-            probe_size=probe_size,
-            input_fn=input_fn,
-            label_fn=label_fn,
-            forward_fn=forward_fn,
-            special_tokens=special_tokens,
-            tokens=tokens,
-            token_grid=token_grid,
-            kernel=kernel,
-            matcher=matcher,
-            sigma=sigma,
-            window=window,
-            tol=tol,
-            baseline=baseline,
-            max_positions=max_positions,
-            batch_size=batch_size,
-            logits_fn=logits_fn,
-            targets=targets,  # type: ignore[arg-type]  # None: no targets
-            method=method,
-            log_images=log_images,
-            heatmap_range=heatmap_range,
-            background=background,
-            solver_threads=solver_threads,
-            warm_start_bytes=warm_start_bytes,
-        )
+        options = {name: value for name, value in locals().items() if name != "self"}
+        self.config = MonitorConfig(**options)  # every argument above, checked there
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
         self._last_epoch = -1
@@ -266,8 +239,10 @@ class RSMMonitor(*CALLBACK_BASES):
         self._warnings = WarningCache()
         self._background: bg.Background | None = None
         self._trainer: pl.Trainer | None = None  # while a background worker runs: checkpoints
-        self._solver_threads = solver_threads
-        self._caches = warm_start_caches(self.config.layers, matcher, warm_start_bytes)
+        self._solver_threads = self.config.solver_threads
+        self._caches = warm_start_caches(
+            self.config.layers, self.config.matcher, self.config.warm_start_bytes
+        )
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
 
     @property
