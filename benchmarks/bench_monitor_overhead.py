@@ -3,7 +3,7 @@
 Run: ``python benchmarks/bench_monitor_overhead.py [--epochs 12] [--probe 150] [--repeats 3]``
 
 A GPU host simulated on a CPU: training runs on one torch thread (as a GPU-bound loop leaves the
-host's cores idle) and the monitor's solver uses one thread (``num_workers=1``), which with
+host's cores idle) and the monitor's solver uses one thread (``solver_threads=1``), which with
 ``background=True`` runs on the other core. :class:`~lightning_rsm.demo.DigitsCNN` trains on the
 shifted digits; the probe is ``--probe`` images, the layers its three blocks (S = 64, 64, 16
 after pooling), exact cosine RSMs every epoch. The three fits run side by side, in turn, each
@@ -42,7 +42,7 @@ def fit(mode: str, epochs: int, probe_size: int, width: int) -> tuple[float, lis
     train = DataLoader(TensorDataset(images[probe_size:], labels[probe_size:]), batch_size=64)
     callbacks = []
     if mode != "none":
-        monitor = RSMMonitor(probe, LAYERS, num_workers=1, background=mode == "background",
+        monitor = RSMMonitor(probe, LAYERS, solver_threads=1, background=mode == "background",
                              log_images=False)  # fmt: skip
         callbacks.append(monitor)
     pl.seed_everything(0, verbose=False)
@@ -86,7 +86,7 @@ def main() -> None:
     base = statistics.median(times["none"])
     print(
         f"# {args.epochs} epochs, probe {args.probe}, layers {LAYERS}, exact cosine, every epoch; "
-        f"training on 1 torch thread, num_workers=1; {os.cpu_count()} cores; one evaluation "
+        f"training on 1 torch thread, solver_threads=1; {os.cpu_count()} cores; one evaluation "
         f"~{evaluation_s:.1f} s"
     )
     print("| monitor | fit seconds (median) | range | added to training |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 
 import pytest
 import torch
@@ -101,3 +102,36 @@ def probe() -> tuple[Tensor, Tensor]:
 @pytest.fixture
 def loader(data) -> DataLoader:
     return DataLoader(TensorDataset(*data), batch_size=16)
+
+
+class EvaluationFaults:
+    """What :func:`evaluation_faults` injects into ``Evaluator.run``, by the evaluation's epoch:
+    ``fail[epoch] = error`` raises it; ``hold = epoch`` waits until :meth:`release`."""
+
+    def __init__(self) -> None:
+        self.fail: dict[int, BaseException] = {}
+        self.hold: int | None = None
+        self.gate = threading.Event()
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.fixture
+def evaluation_faults(monkeypatch) -> EvaluationFaults:
+    """Faults in the computation of an evaluation (inline or on the background worker)."""
+    from lightning_rsm.callbacks.evaluation import Evaluator
+
+    faults = EvaluationFaults()
+    run = Evaluator.run
+
+    def faulty_run(self, evaluation, *args, **kwargs):
+        if evaluation.epoch in faults.fail:
+            raise faults.fail[evaluation.epoch]
+        if evaluation.epoch == faults.hold:
+            faults.gate.wait(timeout=120)  # a guard against a hang, not a measurement
+        return run(self, evaluation, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "run", faulty_run)
+    yield faults
+    faults.release()

@@ -1,4 +1,4 @@
-"""The issue-10 example scripts, run briefly as a user copies them."""
+"""The example scripts, run briefly as a user copies them."""
 
 from __future__ import annotations
 

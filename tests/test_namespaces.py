@@ -128,7 +128,7 @@ def test_is_lightning_class_over_namespaces_and_subclasses(namespace, tmp_path):
     ],
 )
 def test_rsm_monitor_writes_images_with_each_namespace(namespace, tmp_path, loader):
-    """Issue 9: with `import lightning as L`, even L's own TensorBoardLogger got no images."""
+    """With `import lightning as L`, L's own TensorBoardLogger gets the images too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lightning_rsm import RSMMonitor

@@ -1,55 +1,38 @@
 """Evaluations that finish on a worker thread while training goes on (``background=True``).
 
-An evaluation of :class:`~lightning_rsm.callbacks.RSMMonitor` is handed over as an
-:class:`Evaluation` (the features of one step) and comes back as an :class:`Outcome` (scores,
-RSMs, images, or a failure). Synchronously both happen in the hook; with ``background=True``:
+An :class:`~lightning_rsm.callbacks.evaluation.Evaluation` (the features of one step) is handed
+to :class:`Background`, which runs the same
+:meth:`~lightning_rsm.callbacks.evaluation.Evaluator.run` as the synchronous path on its
+:class:`Worker` and hands back the :class:`~lightning_rsm.callbacks.evaluation.Outcome`:
 
 ========================  ==============================================================
 training thread           the probe forward (it needs the weights of its step), the
                           features copied off (:func:`copy_off`), and everything that talks
-                          to Lightning or a logger: history rows, scalars and images at the
-                          evaluation's step, ``pl_module.log``
+                          to Lightning or a logger (:mod:`lightning_rsm.callbacks.reporting`)
 worker thread             the semantic RSMs, scores and images of one evaluation at a time
 (:class:`Worker`)         (scipy's LAP and torch release the GIL); under DDP its collectives
                           run in a gloo group of its own, never in training's
 ========================  ==============================================================
 
-:class:`Background` keeps at most one evaluation pending: a new one first waits for the last,
-so memory stays bounded and results come in order; the RSMs of the previous evaluation (for
-``rsa_to_previous``) and the colour ranges are read by the worker only after the training
-thread has stored them. Nothing in this module imports Lightning.
-
-The contract, as ``RSMMonitor`` keeps it:
-
-With ``background=True`` only the probe forward runs in the hook (it needs the weights of
-that moment); the features are copied off and the RSMs, scores and images are computed by
-a worker thread while training goes on, with the same numbers as ``background=False``, bit
-for bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP
-equals one process). Results are logged from the training thread, each with the epoch and
-step at which its features were taken: history rows, images, and scalars through
-``logger.log_metrics(..., step=...)`` (plus ``epoch``) as soon as they are picked up (after
-any training batch). At most one evaluation is pending: a due one first waits for the
-last, so training waits only when the RSMs take longer than the interval between two
-evaluations. **Lateness**: scores reach ``pl_module.log`` (``ModelCheckpoint``,
-``EarlyStopping``, ``trainer.callback_metrics``) at the first epoch end at which they are
-ready (with ``every_n_train_steps`` also at the first training batch end), usually the next
-epoch's and at the latest the next evaluation's, so a callback monitoring them at epoch
-``e`` sees an earlier evaluation's value; with ``every_n_train_steps`` a ``ModelCheckpoint``
-or ``EarlyStopping`` monitoring an ``rsm/`` key is therefore an error at fit start. Two
-evaluations are waited for in their own hook: the first of a fit when a callback monitors
-an ``rsm/`` key (so that key exists at its first check) and that of the last epoch
-(``max_epochs``, ``max_steps``, ``should_stop`` already set). A fit stopped otherwise waits
-at its end and logs the rest to the history and the loggers, not to ``pl_module.log``
-(Lightning allows no logging there). A checkpoint
-saved while an evaluation runs on features of the checkpoint's own step stores where it
-was taken, not the features; at resume the probe is run again on the restored weights
-(checked against a fingerprint; a mismatch is a warning) and the evaluation computed then.
-An exception in training stops the worker (a running evaluation ends unwaited and is
-dropped); a failure on the worker is a warning. Under DDP the worker's collectives run in
-a gloo process group of its own, created by every rank at setup. On CUDA the ``"auction"``
-and ``"greedy"`` matchers run on the device in a stream of the worker's own; the scipy
-matchers work on CPU copies (whose float32 matmuls may round differently from the
-synchronous path's on the GPU). No progress bar is shown.
+The contract, as ``RSMMonitor`` keeps it: the same numbers as ``background=False``, bit for
+bit, and the same guarantees (training is unchanged, resume equals a straight run, DDP equals
+one process). At most one evaluation is pending: a due one first waits for the last, so memory
+stays bounded, results come in order, and the RSMs of the previous evaluation (for
+``rsa_to_previous``) and the colour ranges are read by the worker only after the training thread
+has stored them. A finished evaluation is reported after the next training batch or epoch end,
+at the step of its features (the same step as synchronously); so ``trainer.callback_metrics``
+(and ``ModelCheckpoint``, ``EarlyStopping``) see it late, usually one evaluation interval.
+Two evaluations are waited for in their own hook: the first of a fit when a callback monitors an
+``rsm/`` key (so that key exists at its first check) and that of the last epoch (``max_epochs``,
+``max_steps``, ``should_stop`` already set); a fit stopped otherwise waits at its end. A
+checkpoint saved while an evaluation runs on features of the checkpoint's own step stores where
+it was taken, not the features; at resume the probe is run again on the restored weights
+(checked against a :func:`fingerprint`; a mismatch is a warning) and the evaluation computed
+then. An exception in training stops the worker (a running evaluation ends unwaited and is
+dropped); a failure on the worker is a warning. On CUDA the ``"auction"`` and ``"greedy"``
+matchers run on the device in a stream of the worker's own (:func:`worker_stream`); the scipy
+matchers work on CPU copies (whose float32 matmuls may round differently from the synchronous
+path's on the GPU). No progress bar is shown. Nothing in this module imports Lightning.
 """
 
 from __future__ import annotations
@@ -59,45 +42,16 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_rsm.callbacks.evaluation import Evaluation, Outcome
+
 T = TypeVar("T")
-Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
-
-
-@dataclass
-class Evaluation:
-    """The probe's features taken at ``epoch``/``step``: concept vectors ``(N, S, C)`` per layer,
-    logits ``(N, K)`` or None, and the seconds the capture took. ``ready``: a CUDA event after
-    the features' last write, for a worker stream to wait on (None on the CPU)."""
-
-    epoch: int
-    step: int
-    features: dict[str, Tensor]
-    logits: Tensor | None
-    seconds: float
-    ready: Any = None
-
-
-@dataclass
-class Outcome:
-    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
-    images and the colour ranges they used; or ``failure``: ``(rank, error text)``."""
-
-    epoch: int
-    step: int
-    scores: dict[str, float] = field(default_factory=dict)
-    rsms: Rsms = field(default_factory=dict)
-    layer_rsa: Tensor | None = None
-    images: dict[str, np.ndarray] = field(default_factory=dict)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    failure: tuple[int, str] | None = None
 
 
 @dataclass
@@ -107,6 +61,7 @@ class Pending:
 
     epoch: int
     step: int
+    log_step: int
     fingerprint: list[float]
     future: Future
 
@@ -263,7 +218,9 @@ class Background:
                 return compute(evaluation, self.distributed)
 
         future = self._worker.submit(run)
-        self.pending = Pending(evaluation.epoch, evaluation.step, prints, future)
+        self.pending = Pending(
+            evaluation.epoch, evaluation.step, evaluation.log_step, prints, future
+        )
 
     def finished(self, wait: bool = False) -> Outcome | None:
         """The pending evaluation's outcome once it has finished (with ``wait``, once it does),
@@ -276,8 +233,8 @@ class Background:
         try:
             return pending.future.result()
         except Exception as error:
-            return Outcome(pending.epoch, pending.step, failure=(0, f"{type(error).__name__}: "
-                                                                   f"{error}"))  # fmt: skip
+            failure = (0, f"{type(error).__name__}: {error}")
+            return Outcome(pending.epoch, pending.step, pending.log_step, failure=failure)
 
     def close(self) -> None:
         """Stop the worker and drop the pending evaluation; wait for the thread to end only
@@ -289,31 +246,3 @@ class Background:
         if self.group is not None and idle and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self.group = None
-
-
-def ends_fit(trainer: Any) -> bool:
-    """Whether ``fit`` stops after this epoch as far as is known in its epoch-end hooks:
-    ``max_epochs`` or ``max_steps`` reached, or ``trainer.should_stop`` set."""
-    max_epochs = trainer.max_epochs
-    return bool(
-        trainer.should_stop
-        or (max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
-        or (0 <= trainer.max_steps <= trainer.global_step)
-    )
-
-
-def misses_monitored_key(trainer: Any, prefix: str = "rsm/") -> bool:
-    """Whether a callback (``ModelCheckpoint``, ``EarlyStopping``) monitors a key starting with
-    ``prefix`` that is not yet among ``trainer.callback_metrics`` (they raise on a missing key)."""
-    monitored = (getattr(callback, "monitor", None) for callback in trainer.callbacks)
-    return any(
-        isinstance(key, str) and key.startswith(prefix) and key not in trainer.callback_metrics
-        for key in monitored
-    )
-
-
-def log_scalars(loggers: Any, metrics: Mapping[str, float], step: int) -> None:
-    """``logger.log_metrics(metrics, step=step)`` and ``logger.save()`` for every logger."""
-    for logger in loggers:
-        logger.log_metrics(dict(metrics), step=step)
-        logger.save()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 Picker = str | int | Callable[[Any], Any]
@@ -152,17 +153,13 @@ def leaves(tree: Any) -> list[Any]:
 
 
 def map_batch(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """The same structure with ``fn`` applied to every tensor.
+    """The same structure with ``fn`` applied to every tensor (``apply_to_collection``).
 
     Example:
         >>> map_batch({"a": torch.ones(2)}, lambda t: 2 * t)
         {'a': tensor([2., 2.])}
     """
-    if isinstance(tree, Mapping):
-        return {key: map_batch(value, fn) for key, value in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map_batch(value, fn) for value in tree)
-    return fn(tree)
+    return apply_to_collection(tree, Tensor, fn)
 
 
 def batch_length(inputs: Any) -> int:

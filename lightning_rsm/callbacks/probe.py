@@ -53,7 +53,6 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
-#: Picks a part of a batch: a key of a dict batch, an index of a tuple batch, or a function.
 def check_probe_tensors(inputs: Any, labels: Tensor | None) -> None:
     """Raise unless there are at least 2 inputs and labels are class ids or multi-hot rows."""
     n = batch_length(inputs)
@@ -65,6 +64,16 @@ def check_probe_tensors(inputs: Any, labels: Tensor | None) -> None:
         )
     if labels is not None:
         check_labels(labels, n, "the {n} probe inputs")
+
+
+def check_targets_match_probe(targets: Mapping[str, Tensor], n: int) -> None:
+    """Raise ``ValueError`` unless every target RSM is ``(n, n)`` like the probe."""
+    for name, rsm in targets.items():
+        if rsm.shape[0] != n:
+            raise ValueError(
+                f"Expected `targets[{name!r}]` to have shape ({n}, {n}) like the probe, "
+                f"but got shape {tuple(rsm.shape)}."
+            )
 
 
 def read_probe(
@@ -272,12 +281,16 @@ def capture_layers(
                         f"but got {type(output).__name__}."
                     )
                 if warn is not None and x.ndim == 3:
-                    pooling = describe_token_pooling(x.shape[1], max_positions, name=layer,
-                                                     **options)  # fmt: skip
+                    pooling = describe_token_pooling(
+                        x.shape[1], max_positions, name=layer, **options
+                    )
                     if pooling is not None:
                         warn(pooling)
-                captured[layer].append(to_concepts(x.detach().float(), max_positions=max_positions,
-                                                   name=layer, **options))  # fmt: skip
+                captured[layer].append(
+                    to_concepts(
+                        x.detach().float(), max_positions=max_positions, name=layer, **options
+                    )
+                )
             except Exception as error:
                 hook_errors.append(error)
                 raise
@@ -320,8 +333,11 @@ def _forward(
         if error in hook_errors:
             raise
         first_line = next(iter(str(error).strip().splitlines()), "")
-        how = "`forward_fn(model, inputs)`" if forward_fn is not None else (
-            "`model(**inputs)`" if isinstance(batch, Mapping) else "`model(inputs)`")  # fmt: skip
+        how = (
+            "`forward_fn(model, inputs)`"
+            if forward_fn is not None
+            else ("`model(**inputs)`" if isinstance(batch, Mapping) else "`model(inputs)`")
+        )
         raise RuntimeError(
             f"Expected the probe forward {how} to run on inputs that are {describe(batch)}, but "
             f"it raised {type(error).__name__}: {first_line}. Pass `forward_fn=lambda model, "

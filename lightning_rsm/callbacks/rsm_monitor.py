@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_rsm.callbacks import background as bg
-from lightning_rsm.callbacks import validation
-from lightning_rsm.callbacks.batches import ForwardFn, Picker
-from lightning_rsm.callbacks.pipeline import EvaluationPipeline
-from lightning_rsm.callbacks.probe import Probe, untouched
-from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
-from lightning_rsm.callbacks.scoring import warm_start_caches
-from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
+from lightning_rsm.callbacks import reporting, schedule
+from lightning_rsm.callbacks.batches import ForwardFn, Picker, batch_length, slice_batch
+from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
+from lightning_rsm.callbacks.evaluation import Evaluation, Evaluator, Outcome, warm_start_caches
+from lightning_rsm.callbacks.probe import (
+    Probe,
+    capture_layers,
+    check_layer_names,
+    check_targets_match_probe,
+    read_probe,
+    untouched,
+)
+from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
+from lightning_rsm.callbacks.ranks import is_distributed, run_on_every_rank
+from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS, TORCH_MATCHERS
 from lightning_rsm.functional.representations import TokenGrid
-from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, is_fitting
+from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, rank_zero_warn
 
 if TYPE_CHECKING:  # annotations only: the class serves lightning.pytorch too
     import pytorch_lightning as pl
 
 
-class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
+class RSMMonitor(*CALLBACK_BASES):
     r"""Monitor semantic RSMs of chosen layers on a fixed probe set during training.
 
     On each evaluation (every ``every_n_epochs`` epochs: after the epoch's validation, or after
@@ -32,23 +43,32 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
     model in eval mode, without gradients, eagerly (also a ``torch.compile``'d model: nothing is
     compiled or recompiled for it) and with every RNG state restored, the outputs of ``layers``
     are captured with forward hooks, and per layer the semantic RSM (and the spatially aligned
-    baseline) is computed and scored with :func:`~lightning_rsm.functional.rsm_scores`. Scalars
-    go through ``pl_module.log``, so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them
-    (at fit start, one that would read an ``rsm/`` key at other times than it is logged is an
-    error naming the setting that fixes it); with ``every_n_train_steps`` they also go straight
-    to the loggers at ``trainer.global_step``, whatever ``log_every_n_steps`` is. Every logger
-    also gets the heatmaps (samples sorted by label, a colour scale fixed for the run) and the
-    layer x layer RSA matrix, written once by rank 0 (what each receives:
-    :mod:`lightning_rsm.image_logging`). Under DDP the ranks share the RSMs' work; if any rank
-    fails in an evaluation, every rank skips it with the same warning and training goes on.
+    baseline) is computed and scored with :func:`~lightning_rsm.functional.rsm_scores`. Under
+    DDP the ranks share the RSMs' work; if any rank fails in an evaluation, every rank skips it
+    with the same warning and training goes on.
+
+    Where the results go (:mod:`lightning_rsm.callbacks.reporting`), at one step per evaluation:
+    the step Lightning gives the epoch's other metrics (e.g. a ``val_loss`` logged in
+    ``validation_step``), or with ``every_n_train_steps`` the ``trainer.global_step`` after the
+    step; the scalars to every logger (``log_metrics``, whatever ``log_every_n_steps`` is), the
+    heatmaps (samples sorted by label, a colour scale fixed for the run) and the layer x layer
+    RSA to every logger that takes images (what each receives: :mod:`lightning_rsm.image_logging`),
+    written once by rank 0. As ``LearningRateMonitor`` does, the latest scores stay in
+    ``trainer.callback_metrics``, the same on every rank (no ``sync_dist`` needed, no warning
+    under DDP), so ``ModelCheckpoint``, ``EarlyStopping`` or any callback monitoring an ``rsm/``
+    key finds it from the first evaluation on, whatever its own schedule; before the first
+    evaluation the key is missing (``ModelCheckpoint`` after a validation and a strict
+    ``EarlyStopping`` then raise; otherwise they warn and skip), and between evaluations a
+    reader sees the latest score again (an ``EarlyStopping`` counts that against its
+    ``patience``), so give a reader the monitor's schedule (e.g. both ``every_n_epochs=2``).
 
     With ``background=True`` only the probe forward runs in the hook; the RSMs, scores and images
     are computed by a worker thread while training goes on, with the same numbers as
-    ``background=False``, bit for bit, and the same guarantees. History rows, images and logger
-    scalars carry the step at which the features were taken; scores reach ``pl_module.log`` at
-    the first epoch end at which they are ready (usually one epoch late; the first evaluation
-    when an ``rsm/`` key is monitored and the last one are waited for). The whole contract
-    (checkpoints, exceptions, DDP, CUDA): :mod:`lightning_rsm.callbacks.background`.
+    ``background=False``, bit for bit, the same history and the same logger steps. The scores
+    reach ``trainer.callback_metrics`` when the worker has finished (after a later batch or
+    epoch end; the first evaluation when an ``rsm/`` key is monitored and the last one are
+    waited for), so a reader sees them late. The whole contract (checkpoints, exceptions, DDP,
+    CUDA): :mod:`lightning_rsm.callbacks.background`.
 
     Logged scalars (``<layer>`` as in ``model.named_modules()``, ``<kind>`` is ``semantic`` or,
     with ``baseline=True``, ``baseline``; ``<score>`` a key of ``rsm_scores``: ``map``,
@@ -120,7 +140,8 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
             :func:`~lightning_rsm.plotting.default_colour_range` of the first evaluation.
         background: compute the RSMs, scores and images on a worker thread while training
             goes on (see above).
-        num_workers: solver threads of :func:`~lightning_rsm.functional.semantic_rsm`. Default
+        solver_threads: threads that solve the RSMs' assignment problems
+            (:func:`~lightning_rsm.functional.semantic_rsm`), not DataLoader workers. Default
             every core when synchronous, 1 with ``background=True`` (the worker takes one core
             from training; raise it where cores are idle, e.g. beside a GPU); always 1 for a
             torch matcher on CUDA in the background.
@@ -132,20 +153,21 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
             resume is cold).
 
     Attributes:
-        history: one dict per evaluation: ``epoch``, ``step`` (where its features were taken)
-            and the logged scalars, in the order of the evaluations.
+        config: the options, checked (:class:`~lightning_rsm.callbacks.config.MonitorConfig`).
+        layers: the monitored layers, in the order given.
+        history: one dict per evaluation: ``epoch``, ``step`` (``trainer.global_step`` when its
+            features were taken) and the logged scalars, in the order of the evaluations.
         layer_rsa: the last evaluation's layer x layer RSA matrix ``(L, L)``.
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
-            if a layer is not a module of the model, a ``ModelCheckpoint`` or ``EarlyStopping``
-            monitors an ``rsm/`` key at other times than it is logged (with ``background=True``
-            and ``every_n_train_steps``: at all), or ``probe`` is None and the fit has no
-            validation data.
-        TypeError: If ``probe``, ``targets``, ``logits_fn``, ``input_fn``, ``label_fn`` or
-            ``forward_fn`` have the wrong type, a probe batch has a structure they do not
-            pick from (the message names it), or labels are not integer class ids or multi-hot
-            values (at construction for tensors, at fit start for loaders).
+            if a layer is not a module of the model, a callback monitors an ``rsm/`` key of
+            ``every_n_train_steps`` with ``background=True`` (it would read an earlier step's
+            score), or ``probe`` is None and the fit has no validation data.
+        TypeError: If an option has the wrong type (e.g. ``baseline="no"``), a probe batch has a
+            structure that ``input_fn`` and ``label_fn`` do not pick from (the message names
+            it), or labels are not integer class ids or multi-hot values (at construction for
+            tensors, at fit start for loaders).
         RuntimeError: At fit start, if the model fails on a probe batch (the message says how it
             was called and names ``forward_fn``).
         ValueError: If the probe or a target has a bad shape (at construction for tensors, at
@@ -200,72 +222,38 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
         background: bool = False,
-        num_workers: int | None = None,
+        solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
     ) -> None:
-        validation.check_layers(layers)
-        self._schedule = Schedule.from_options(every_n_epochs, every_n_train_steps)
-        validation.check_batch_options(input_fn, label_fn, forward_fn, probe_size)
-        validation.check_token_options(special_tokens, tokens, token_grid)
-        validation.check_options(
-            kernel=kernel,
-            matcher=matcher,
-            sigma=sigma,
-            window=window,
-            tol=tol,
-            max_positions=max_positions,
-            batch_size=batch_size,
-            method=method,
-        )
-        validation.check_background(background, num_workers)
-        validation.check_warm_start_bytes(warm_start_bytes)
-        self.heatmap_range = validation.check_heatmap_range(heatmap_range)
-        validation.check_logits_fn(logits_fn)
-        validation.check_probe(probe, input_fn, label_fn)
-        self.targets = validation.check_targets(targets)
-
-        self.probe = probe
-        self.layers = list(layers)
-        self.every_n_epochs, self.every_n_train_steps = self._schedule
-        self.probe_size = probe_size
-        self.input_fn, self.label_fn, self.forward_fn = input_fn, label_fn, forward_fn
-        self.special_tokens, self.tokens, self.token_grid = special_tokens, tokens, token_grid
-        self.kernel = kernel
-        self.matcher = matcher
-        self.sigma = sigma
-        self.window = window
-        self.tol = tol
-        self.baseline = baseline
-        self.max_positions = max_positions
-        self.batch_size = batch_size
-        self.logits_fn = logits_fn
-        self.method = method
-        self.log_images = log_images
-        self.background = background
-        self.num_workers = num_workers
-        self.warm_start_bytes = warm_start_bytes
-
+        options = {name: value for name, value in locals().items() if name != "self"}
+        self.config = MonitorConfig(**options)  # every argument above, checked there
         self.history: list[dict[str, float]] = []
         self.layer_rsa: Tensor | None = None
         self._last_epoch = -1
         self._last_step = -1
-        self._previous: dict[str, Tensor] = {}
-        self._ranges: dict[str, tuple[float, float]] = {}
+        self._previous: dict[str, Tensor] = {}  # the last semantic RSMs, for rsa_to_previous
+        self._ranges: dict[str, tuple[float, float]] = {}  # heatmap colour ranges, per layer
         self._inputs: Any = None  # a tensor (N, ...), or a dict/tuple of them
         self._labels: Tensor | None = None
         self._use_logits = True
         self._warnings = WarningCache()
         self._background: bg.Background | None = None
         self._trainer: pl.Trainer | None = None  # while a background worker runs: checkpoints
-        self._solver_threads = num_workers
-        self._caches = warm_start_caches(self.layers, matcher, warm_start_bytes)
-        self._unlogged: dict[str, float] | None = None  # scores not yet given to pl_module.log
+        self._solver_threads = self.config.solver_threads
+        self._caches = warm_start_caches(
+            self.config.layers, self.config.matcher, self.config.warm_start_bytes
+        )
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
+
+    @property
+    def layers(self) -> list[str]:
+        """The monitored layers, in the order given."""
+        return list(self.config.layers)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(layers=tuple(self.layers), kernel=self.kernel)
+        return self._generate_state_key(layers=self.config.layers, kernel=self.config.kernel)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -276,27 +264,31 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None:  # else from the validation data, once the fit has set it up
+        if self.config.probe is not None:  # else from the validation data, once it is set up
             self._prepare_probe(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start_training(trainer, pl_module)
+        schedule.check_score_readers(self.config, trainer)
+        if self.config.probe is None:
+            self._prepare_probe(trainer, pl_module)
+        self._recapture_pending(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        self._after_batch(trainer, pl_module)
+        self._deliver_finished(trainer)
+        self._evaluate_if_due(trainer, pl_module, after_step=True)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _validation_ends_the_epoch(trainer):
-            self._end_epoch(trainer, pl_module)
+        if schedule.validation_ends_the_epoch(trainer):
+            self._end_epoch(trainer, pl_module, last_batch_counted=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_epoch(trainer, pl_module)
+        self._end_epoch(trainer, pl_module, last_batch_counted=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,48 +325,224 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
         self._to_recapture = [dict(p) for p in state_dict.get("pending", [])]
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ the probe
 
-    def _start_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the callbacks that read the scores, read a probe from the validation data, and
-        recompute what was pending when the resumed checkpoint was saved."""
-        check_score_readers(self._schedule, trainer, self, background=self.background)
-        if self.probe is None:
-            self._prepare_probe(trainer, pl_module)
-        self._recapture_pending(trainer, pl_module)
+    def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the probe, check it, the targets and the layers, and find the logits."""
+        config = self.config
+        with as_misconfiguration():
+            check_layer_names(pl_module, config.layers)
+        with untouched(pl_module):
+            self._inputs, self._labels = self._read_probe(trainer)
+        check_targets_match_probe(config.targets, batch_length(self._inputs))
+        if self._labels is None:
+            self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
+        self._use_logits = True
+        with untouched(pl_module):
+            _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
+        if logits is not None:
+            return
+        if config.logits_fn is not None:
+            raise ValueError(
+                "Expected `logits_fn` to return logits of shape (B, K) with K >= 2 on a "
+                "probe batch of B samples, but it did not."
+            )
+        self._use_logits = False
+        self._warnings.warn(
+            "The model's forward output on the probe is not a (B, K) logits tensor: the "
+            "probability agreement is not computed. Pass `logits_fn` to pick the logits."
+        )
 
-    def _after_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Deliver a finished background evaluation, evaluate if a step is due, and (per step)
-        give the newest scores to ``pl_module.log``."""
-        self._deliver_finished(trainer)
-        self._evaluate_if_due(trainer, pl_module, after_step=True)
-        if self._schedule.by_steps:
-            self._log_scores(pl_module, on_step=True)
+    def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
+        """The probe's inputs and labels: the one given, or chosen from the validation data."""
+        c = self.config
+        if c.probe is not None:
+            return read_probe(c.probe, c.batch_size, c.input_fn, c.label_fn)
+        loader = validation_loader(trainer)
+        probe = select_probe(loader, c.probe_size, c.batch_size, c.input_fn, c.label_fn)
+        return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
 
-    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate if due, deliver a finished background evaluation (waited for when the fit
-        ends or a monitored key is missing), then give the newest scores to ``pl_module.log``."""
-        self._evaluate_if_due(trainer, pl_module)
-        wait = bg.ends_fit(trainer) or bg.misses_monitored_key(trainer)
+    def _capture(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        c = self.config
+        return capture_layers(
+            pl_module,
+            c.layers,
+            inputs,
+            batch_size=c.batch_size,
+            max_positions=c.max_positions,
+            logits_fn=c.logits_fn,
+            want_logits=self._use_logits,
+            forward_context=trainer.precision_plugin.forward_context,
+            forward_fn=c.forward_fn,
+            special_tokens=c.special_tokens,
+            tokens=c.tokens,
+            token_grid=c.token_grid,
+            warn=lambda message: self._warnings.warn(f"RSMMonitor: {message}"),
+        )
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def _end_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, last_batch_counted: bool
+    ) -> None:
+        """Evaluate if due, then deliver a finished background evaluation (waited for when the
+        fit ends or a monitored ``rsm/`` key is missing)."""
+        self._evaluate_if_due(trainer, pl_module, last_batch_counted=last_batch_counted)
+        wait = schedule.ends_fit(trainer) or schedule.misses_monitored_key(trainer)
         self._deliver_finished(trainer, wait=wait)
-        self._log_scores(pl_module, on_step=False)
 
     def _evaluate_if_due(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, after_step: bool = False
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        after_step: bool = False,
+        last_batch_counted: bool = True,
     ) -> None:
+        """Capture the features here, in the training loop (they need the weights of this
+        step); compute here or on the background worker."""
         last = {"last_epoch": self._last_epoch, "last_step": self._last_step}
-        if not self._schedule.is_due(trainer, after_step=after_step, **last):
+        if not schedule.is_due(self.config, trainer, after_step=after_step, **last):
             return
         self._last_epoch, self._last_step = trainer.current_epoch, trainer.global_step
         self._deliver_finished(trainer, wait=True)  # at most one evaluation pending
+        log_step = reporting.log_step(
+            trainer, by_steps=self.config.by_steps, last_batch_counted=last_batch_counted
+        )
         with untouched(pl_module):
-            self._evaluate(trainer, pl_module)
+            evaluation = self._capture_evaluation(trainer, pl_module, log_step)
+            if evaluation is not None:
+                self._hand_off(trainer, evaluation)
 
+    def _capture_evaluation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_step: int
+    ) -> Evaluation | None:
+        """The probe's features now (rank 0's under DDP); None on every rank if one failed."""
+        start = time.perf_counter()
+        captured, failure = run_on_every_rank(
+            lambda: self._capture(trainer, pl_module, self._inputs),
+            distributed=is_distributed(trainer),
+        )
+        if failure is not None:
+            self._warn_failed(trainer, trainer.current_epoch, failure)
+            return None
+        if is_distributed(trainer):  # eval-mode buffers (batch norm) differ: score rank 0's view
+            captured = trainer.strategy.broadcast(captured, src=0)
+        features, logits = captured
+        seconds = time.perf_counter() - start
+        epoch, step = trainer.current_epoch, trainer.global_step
+        return Evaluation(epoch, step, features, logits, seconds, log_step=log_step)
 
-def _validation_ends_the_epoch(trainer: pl.Trainer) -> bool:
-    """A validation run at the end of a training epoch of ``fit`` (not the sanity check)."""
-    return (
-        not trainer.sanity_checking
-        and is_fitting(trainer)
-        and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-    )
+    def _hand_off(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
+        """Run the evaluation here and deliver it, or start it on the background worker; either
+        way with an :class:`Evaluator` taken now (the previous RSMs and ranges are delivered)."""
+        evaluator = Evaluator(
+            self.config,
+            self._labels,
+            self._solver_threads,
+            previous=dict(self._previous),
+            ranges=dict(self._ranges),
+            caches=self._caches,
+        )
+        render = self.config.log_images and trainer.is_global_zero
+        if self._background is not None:
+            self._background.submit(evaluation, lambda e, group: evaluator.run(e, group, render))
+            return
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        outcome = evaluator.run(evaluation, is_distributed(trainer), render, progress)
+        self._deliver(trainer, outcome)
+
+    def _deliver(self, trainer: pl.Trainer, outcome: Outcome) -> None:
+        """On the training thread: a warning, or the RSMs kept for the next drift and colour
+        ranges, then :func:`~lightning_rsm.callbacks.reporting.report`."""
+        if outcome.failure is not None:
+            self._warn_failed(trainer, outcome.epoch, outcome.failure)
+            return
+        self._previous = {layer: kinds["semantic"] for layer, kinds in outcome.rsms.items()}
+        self.layer_rsa = outcome.layer_rsa
+        if self.config.heatmap_range is None:
+            self._ranges = {**outcome.ranges, **self._ranges}
+        reporting.report(trainer, outcome, self.history, warn_once=self._warnings.warn)
+
+    def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:
+        rank, error = failure
+        where = f" on rank {rank}, so every rank skipped it" if is_distributed(trainer) else ""
+        rank_zero_warn(
+            f"`RSMMonitor` evaluation at epoch {epoch} failed and was skipped{where}; training "
+            f"goes on. {error}"
+        )
+
+    # ------------------------------------------------------------------ background
+
+    def _start_background(self, trainer: pl.Trainer) -> None:
+        """With ``background=True``: the worker (and its process group: every rank is here)."""
+        self._stop_background()
+        if not self.config.background:
+            return
+        device = trainer.strategy.root_device
+        keep_on_cuda = device.type == "cuda" and self.config.matcher in TORCH_MATCHERS
+        # one solver thread by default; one on CUDA, where the worker's stream is not shared
+        self._solver_threads = 1 if keep_on_cuda else self.config.solver_threads or 1
+        self._trainer = trainer
+        self._background = bg.Background(
+            distributed=is_distributed(trainer),
+            threads=torch.get_num_threads(),  # the same intra-op threads: the same numbers
+            keep_on_cuda=keep_on_cuda,
+        )
+
+    def _stop_background(self) -> None:
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+        self._trainer = None
+
+    def _deliver_finished(self, trainer: pl.Trainer, wait: bool = False) -> None:
+        """Deliver the background evaluation if it has finished (with ``wait``, once it has)."""
+        if self._background is None:
+            return
+        outcome = self._background.finished(wait)
+        if outcome is not None:
+            self._deliver(trainer, outcome)
+
+    def _settle_for_checkpoint(self) -> list[dict[str, Any]]:
+        """Before a checkpoint: deliver a finished evaluation; keep one still running on features
+        of the checkpoint's step as a marker, re-captured from the checkpoint's weights at
+        resume (:meth:`_recapture_pending`); wait for one taken earlier."""
+        background, trainer = self._background, self._trainer
+        if background is None or background.pending is None or trainer is None:
+            return []
+        pending = background.pending
+        outcome = background.finished(wait=pending.step != trainer.global_step)
+        if outcome is not None:
+            self._deliver(trainer, outcome)
+            return []
+        return [
+            {
+                "epoch": pending.epoch,
+                "step": pending.step,
+                "log_step": pending.log_step,
+                "fingerprint": pending.fingerprint,
+            }
+        ]
+
+    def _recapture_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At resume: run the probe again on the restored weights for each evaluation that
+        was pending at the checkpoint, and compute it as if it had been taken then."""
+        markers, self._to_recapture = self._to_recapture, []
+        for marker in markers:
+            log_step = marker.get("log_step", marker["step"])
+            with untouched(pl_module):
+                evaluation = self._capture_evaluation(trainer, pl_module, log_step)
+            if evaluation is None:
+                continue
+            if bg.fingerprint(evaluation.features) != marker["fingerprint"]:
+                rank_zero_warn(
+                    f"`RSMMonitor`: the probe's features on the checkpoint's weights differ from "
+                    f"those taken at epoch {marker['epoch']} (step {marker['step']}), whose "
+                    "evaluation was pending when the checkpoint was saved; it is computed from "
+                    "the restored weights."
+                )
+            evaluation = replace(evaluation, epoch=marker["epoch"], step=marker["step"])
+            self._hand_off(trainer, evaluation)

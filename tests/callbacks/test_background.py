@@ -3,17 +3,18 @@ or repeated at a checkpoint, a fault, an exception or the end of the fit."""
 
 from __future__ import annotations
 
-import csv
 import threading
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyNet, TinyNetWithVal, trainer_kwargs
+from helpers.fit import fit, untimed
+from helpers.logs import csv_image_steps, csv_rows
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from test_any_model import DictDataset, KeywordNet
+from test_batches import DictDataset, KeywordNet
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,18 +24,12 @@ from lightning_rsm.callbacks.background import Worker
 WORKER = "lightning_rsm-monitor"
 
 
-def untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "rsm/time_s"} for row in history]
-
-
-def run(monitor: RSMMonitor, data, tmp_path, val: bool = False, callbacks=(), ckpt_path=None,
-        **overrides) -> pl.Trainer:  # fmt: skip
+def run(monitor: RSMMonitor, data, tmp_path, val: bool = False, **overrides) -> pl.Trainer:
+    """A seeded fit of TinyNet (with ``val``: TinyNetWithVal and its validation) on ``data``."""
     pl.seed_everything(0, verbose=False)
     loader = DataLoader(TensorDataset(*data), batch_size=16)
-    trainer = pl.Trainer(callbacks=[monitor, *callbacks], **trainer_kwargs(tmp_path, **overrides))
-    trainer.fit(TinyNetWithVal() if val else TinyNet(), loader, loader if val else None,
-                ckpt_path=ckpt_path)  # fmt: skip
-    return trainer
+    model = TinyNetWithVal() if val else TinyNet()
+    return fit(model, loader, monitor, tmp_path, val=loader if val else None, **overrides)
 
 
 @pytest.mark.parametrize("val", [False, True])
@@ -67,29 +62,25 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
-def test_scalars_and_images_reach_loggers_at_the_step_the_features_were_taken(data, probe,
-                                                                             tmp_path):  # fmt: skip
+def test_a_fit_stopped_unannounced_waits_for_the_last_evaluation_at_its_end(data, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"], background=True)
     logger = CSVLogger(tmp_path, name="run")
     run(monitor, data, tmp_path, max_epochs=5, logger=logger, callbacks=[StopAfterEpoch(1)])
-    # the fit stopped after epoch 1 unannounced: fit end waited for that evaluation
     assert [(row["epoch"], row["step"]) for row in monitor.history] == [(0, 3), (1, 6)]
-    with open(f"{logger.log_dir}/metrics.csv") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("rsm/conv/semantic/map")]
-    logged = [(int(r["epoch"]), int(r["step"]), float(r["rsm/conv/semantic/map"])) for r in rows]
-    assert logged == [(h["epoch"], h["step"], h["rsm/conv/semantic/map"]) for h in monitor.history]
-    images = sorted(p.name for p in (tmp_path / "run" / "version_0" / "rsm").iterdir())
-    assert "rsm__conv__semantic__heatmap_step00000003.png" in images
-    assert "rsm__conv__semantic__heatmap_step00000006.png" in images
+    key = "rsm/conv/semantic/map"
+    logged = [
+        (int(r["epoch"]), int(r["step"]), float(r[key])) for r in csv_rows(logger.log_dir, key)
+    ]
+    # each at the step of its epoch's last batch, as Lightning logs epoch metrics
+    assert logged == [(h["epoch"], h["step"] - 1, h[key]) for h in monitor.history]
+    assert csv_image_steps(logger.log_dir, "rsm/conv/semantic/heatmap") == [2, 5]
 
 
-# ------------------------------------------------------------------ with issue 10's options
+# ------------------------------------------------------------------ step schedule, any batch
 
 
 def read_csv_scores(logger: CSVLogger, key: str) -> list[tuple[int, int, float]]:
-    with open(f"{logger.log_dir}/metrics.csv") as file:
-        rows = [row for row in csv.DictReader(file) if row.get(key)]
-    return [(int(r["epoch"]), int(r["step"]), float(r[key])) for r in rows]
+    return [(int(r["epoch"]), int(r["step"]), float(r[key])) for r in csv_rows(logger.log_dir, key)]
 
 
 @pytest.mark.parametrize("val", [False, True])
@@ -101,15 +92,27 @@ def test_background_steps_give_the_synchronous_history_bit_for_bit(data, probe, 
     for background in (False, True):
         monitor = RSMMonitor(probe, ["conv", "pool"], every_n_train_steps=2, background=background)
         loggers[background] = CSVLogger(tmp_path, name=f"background={background}")
-        trainer = run(monitor, data, tmp_path, val=val, max_epochs=4,
-                      logger=loggers[background], log_every_n_steps=50)  # fmt: skip
+        trainer = run(
+            monitor,
+            data,
+            tmp_path,
+            val=val,
+            max_epochs=4,
+            logger=loggers[background],
+            log_every_n_steps=50,
+        )
         histories[background] = monitor.history
         # the last step's scores reached Lightning in its epoch-end hook
         last = monitor.history[-1]
         assert float(trainer.callback_metrics[key]) == pytest.approx(last[key])
     assert [(row["epoch"], row["step"]) for row in histories[True]] == [
-        (0, 2), (1, 4), (1, 6), (2, 8), (3, 10), (3, 12)
-    ]  # fmt: skip
+        (0, 2),
+        (1, 4),
+        (1, 6),
+        (2, 8),
+        (3, 10),
+        (3, 12),
+    ]
     assert untimed(histories[True]) == untimed(histories[False])  # == on floats: bit for bit
     # both modes send the scalars to the loggers at the step the features were taken
     expected = [(row["epoch"], row["step"], row[key]) for row in histories[True]]
@@ -167,17 +170,11 @@ def test_a_reader_of_background_step_scores_fails_before_training_naming_the_fix
 # ------------------------------------------------------------------ faults
 
 
-class FailsAtEpoch(RSMMonitor):
-    """The worker raises on the evaluation of one epoch."""
-
-    def _compute(self, evaluation, *args, **kwargs):
-        if evaluation.epoch == 1:
-            raise MemoryError("out of memory on the worker")
-        return super()._compute(evaluation, *args, **kwargs)
-
-
-def test_a_failure_on_the_worker_is_a_warning_and_training_goes_on(data, probe, tmp_path):
-    monitor = FailsAtEpoch(probe, ["conv"], background=True)
+def test_a_failure_on_the_worker_is_a_warning_and_training_goes_on(
+    data, probe, tmp_path, evaluation_faults
+):
+    evaluation_faults.fail[1] = MemoryError("out of memory on the worker")
+    monitor = RSMMonitor(probe, ["conv"], background=True)
     with pytest.warns(UserWarning, match="evaluation at epoch 1 failed and was skipped.*Memory"):
         trainer = run(monitor, data, tmp_path, max_epochs=3)
     assert trainer.current_epoch == 3
@@ -205,38 +202,31 @@ def test_an_exception_in_training_stops_the_worker(data, probe, tmp_path):
     assert [row["epoch"] for row in monitor.history] in ([0], [0, 1])  # epoch 1's may be dropped
 
 
-class HeldMonitor(RSMMonitor):
-    """The worker holds the evaluation of ``held`` until a checkpoint has been taken, so that the
+class ReleaseOnSave(Callback):
+    """Releases a held evaluation once a checkpoint has taken the monitor's state, so that the
     checkpoint finds it still running."""
 
-    def __init__(self, *args, held: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.held = held
-        self.gate = threading.Event()
+    def __init__(self, faults) -> None:
+        self.faults = faults
 
-    def _compute(self, evaluation, *args, **kwargs):
-        if evaluation.epoch == self.held:
-            self.gate.wait(timeout=120)  # a guard against a hang, not a measurement
-        return super()._compute(evaluation, *args, **kwargs)
-
-    def state_dict(self):
-        state = super().state_dict()
-        self.gate.set()
-        return state
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.faults.release()
 
 
 @pytest.mark.parametrize("background_on_resume", [True, False])
 def test_an_evaluation_pending_at_a_checkpoint_is_recomputed_at_resume(
-    data, probe, tmp_path, background_on_resume
+    data, probe, tmp_path, background_on_resume, evaluation_faults
 ):
-    def monitor(held=None, background=True) -> HeldMonitor:
-        return HeldMonitor(probe, ["conv", "pool"], background=background, held=held)
+    def monitor(background=True) -> RSMMonitor:
+        return RSMMonitor(probe, ["conv", "pool"], background=background)
 
     straight = monitor()
     run(straight, data, tmp_path, max_epochs=4)
-    first = monitor(held=1)
+    first = monitor()
+    evaluation_faults.hold = 1  # until the checkpoint of epoch 1 has taken the monitor's state
     saver = ModelCheckpoint(tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=2)
-    run(first, data, tmp_path, max_epochs=4, callbacks=[saver], enable_checkpointing=True)
+    callbacks = [saver, ReleaseOnSave(evaluation_faults)]
+    run(first, data, tmp_path, max_epochs=4, callbacks=callbacks, enable_checkpointing=True)
     path = tmp_path / "ckpt" / "epoch=1.ckpt"
     state = torch.load(path, weights_only=False)["callbacks"][first.state_key]
     assert [row["epoch"] for row in state["history"]] == [0]
@@ -247,14 +237,18 @@ def test_an_evaluation_pending_at_a_checkpoint_is_recomputed_at_resume(
     assert untimed(resumed.history) == untimed(straight.history)
 
 
-def test_resumed_features_that_differ_from_the_checkpoint_warn(data, probe, tmp_path):
-    first = HeldMonitor(probe, ["conv"], background=True, held=1)
+def test_resumed_features_that_differ_from_the_checkpoint_warn(
+    data, probe, tmp_path, evaluation_faults
+):
+    first = RSMMonitor(probe, ["conv"], background=True)
+    evaluation_faults.hold = 1
     saver = ModelCheckpoint(tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=2)
-    run(first, data, tmp_path, max_epochs=4, callbacks=[saver], enable_checkpointing=True)
+    callbacks = [saver, ReleaseOnSave(evaluation_faults)]
+    run(first, data, tmp_path, max_epochs=4, callbacks=callbacks, enable_checkpointing=True)
     checkpoint = torch.load(tmp_path / "ckpt" / "epoch=1.ckpt", weights_only=False)
     checkpoint["callbacks"][first.state_key]["pending"][0]["fingerprint"][0] += 1.0
     torch.save(checkpoint, tmp_path / "edited.ckpt")
-    resumed = HeldMonitor(probe, ["conv"], background=True)
+    resumed = RSMMonitor(probe, ["conv"], background=True)
     with pytest.warns(UserWarning, match="differ from those taken at epoch 1"):
         run(resumed, data, tmp_path, max_epochs=3, ckpt_path=tmp_path / "edited.ckpt")
     assert [row["epoch"] for row in resumed.history] == [0, 1, 2]

@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyNet, TinyNetWithVal, trainer_kwargs
+from helpers.fit import fit, untimed
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -23,78 +24,6 @@ from lightning_rsm.functional import (
     semantic_rsm,
     spatio_semantic_rsm,
 )
-
-
-def fit(model, loader, monitor, tmp_path, val=None, **overrides) -> pl.Trainer:
-    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, **overrides))
-    trainer.fit(model, loader, val)
-    return trainer
-
-
-def scores(history: list[dict]) -> list[dict]:
-    """History without the compute time, which differs between runs."""
-    return [{k: v for k, v in row.items() if k != "rsm/time_s"} for row in history]
-
-
-# ------------------------------------------------------------------ constructor
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"layers": []}, "`layers`"),
-        ({"layers": "conv"}, "`layers`"),
-        ({"layers": ["conv", 3]}, "`layers`"),
-        ({"layers": ["conv", "conv"]}, "each name once"),
-        ({"every_n_epochs": 0}, "`every_n_epochs`"),
-        ({"every_n_epochs": 1.5}, "`every_n_epochs`"),
-        ({"every_n_epochs": True}, "`every_n_epochs`"),
-        ({"kernel": "linear"}, r"`kernel` to be one of \['cosine', 'inner', 'rbf'\]"),
-        ({"matcher": "hungarian"}, "`matcher` to be one of"),
-        ({"method": "cosine"}, "`method` to be one of"),
-        ({"sigma": -1.0}, "`sigma`"),
-        ({"window": 0}, "`window`"),
-        ({"tol": 0.0}, "`tol`"),
-        ({"max_positions": 0}, "`max_positions`"),
-        ({"batch_size": -1}, "`batch_size`"),
-        ({"heatmap_range": (1.0, 0.0)}, "`heatmap_range`"),
-        ({"heatmap_range": (0.0, math.inf)}, "`heatmap_range`"),
-        ({"background": "yes"}, "`background` to be True or False, but got 'yes'"),
-        ({"num_workers": 0}, "`num_workers` to be a positive int or None, but got 0"),
-    ],
-)
-def test_constructor_rejects_bad_values(probe, kwargs, match):
-    kwargs = {"layers": ["conv"], **kwargs}
-    with pytest.raises(MisconfigurationException, match=match):
-        RSMMonitor(probe, **kwargs)
-
-
-@pytest.mark.parametrize(
-    ("probe_arg", "kwargs", "error", "match"),
-    [
-        ("not a probe", {}, TypeError, "`probe` to be a DataLoader"),
-        ([1, 2], {}, TypeError, r"tuple \(inputs, labels\) of tensors"),
-        ("tuple", {"targets": [torch.eye(12)]}, TypeError, "`targets` to be a mapping"),
-        ("tuple", {"targets": {"t": np.eye(12)}}, TypeError, r"`targets\['t'\]` to be a tensor"),
-        ("tuple", {"targets": {"t": torch.ones(12, 11)}}, ValueError, "square matrix"),
-        ("tuple", {"logits_fn": 3}, TypeError, "`logits_fn` to be callable"),
-        ("mislabelled", {}, ValueError, r"`labels` to have shape \(12,\)"),
-        ("float labels", {}, TypeError, "integer or bool dtype, but got torch.float32"),
-        ("single", {}, ValueError, "at least 2 samples"),
-    ],
-)
-def test_constructor_rejects_bad_probe_targets_and_types(probe, probe_arg, kwargs, error, match):
-    x, y = probe
-    probes = {
-        "tuple": (x, y),
-        "mislabelled": (x, y[:5]),
-        "float labels": (x, y.float()),
-        "single": (x[:1],),
-    }
-    probe_arg = tuple(probe_arg) if isinstance(probe_arg, list) else probe_arg
-    with pytest.raises(error, match=match):
-        RSMMonitor(probes.get(probe_arg, probe_arg), ["conv"], **kwargs)
-
 
 # ------------------------------------------------------------------ fit-start validation
 
@@ -194,17 +123,37 @@ def test_epochs_without_validation_are_evaluated_after_training(loader, probe, t
     )
 
 
-def test_validate_and_sanity_check_do_not_evaluate(loader, probe, tmp_path):
-    monitor = RSMMonitor(probe, ["conv"])
-    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, num_sanity_val_steps=2))
+class CountsSanityBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        self.batches += trainer.sanity_checking
+
+
+def test_neither_the_sanity_check_nor_validate_evaluates(loader, probe, tmp_path):
+    monitor, counter = RSMMonitor(probe, ["conv"]), CountsSanityBatches()
+    fit(
+        TinyNetWithVal(),
+        loader,
+        monitor,
+        tmp_path,
+        val=loader,
+        callbacks=[counter],
+        max_epochs=1,
+        num_sanity_val_steps=2,
+    )
+    assert counter.batches == 2  # the sanity check ran
+    assert [(row["epoch"], row["step"]) for row in monitor.history] == [(0, 3)]
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path))
     trainer.validate(TinyNetWithVal(), loader, verbose=False)
-    assert monitor.history == []
+    assert len(monitor.history) == 1
 
 
 # ------------------------------------------------------------------ probes, labels, logits
 
 
-def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe, tmp_path):
+def test_tuple_dataset_and_dataloader_probes_give_the_same_untimed(loader, probe, tmp_path):
     x, y = probe
     probes = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)]
     histories = []
@@ -212,7 +161,7 @@ def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe,
         pl.seed_everything(0, verbose=False)
         monitor = RSMMonitor(p, ["conv", "pool"], batch_size=4)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=1)
-        histories.append(scores(monitor.history))
+        histories.append(untimed(monitor.history))
     assert histories[0] == histories[1] == histories[2]
     assert "rsm/pool/semantic/map" in histories[0][0]
 
@@ -267,8 +216,8 @@ def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
     pl.seed_everything(0, verbose=False)
     plain_monitor = RSMMonitor(probe, ["pool"])
     fit(TinyNet(), loader, plain_monitor, tmp_path, max_epochs=1)
-    got = {k.replace("/pair/", "/x/"): v for k, v in scores(tuple_monitor.history)[0].items()}
-    want = {k.replace("/pool/", "/x/"): v for k, v in scores(plain_monitor.history)[0].items()}
+    got = {k.replace("/pair/", "/x/"): v for k, v in untimed(tuple_monitor.history)[0].items()}
+    want = {k.replace("/pool/", "/x/"): v for k, v in untimed(plain_monitor.history)[0].items()}
     assert got == want
     assert "rsm/x/semantic/probability_agreement" in got
 
@@ -305,8 +254,9 @@ def test_untouched_restores_modes_and_every_rng():
 
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("with_val", [False, True])
-def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_path, with_val,
-                                                             background):  # fmt: skip
+def test_training_is_identical_with_and_without_the_callback(
+    data, probe, tmp_path, with_val, background
+):
     """Dropout, batch norm, a shuffled training set and a shuffled probe loader."""
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
@@ -379,8 +329,8 @@ def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, backgroun
     )
     resumed, _ = run(4, ckpt_path=checkpoint.last_model_path)
     assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
-    expected, got = scores(straight.history), scores(resumed.history)
-    assert got[:2] == scores(first.history)
+    expected, got = untimed(straight.history), untimed(resumed.history)
+    assert got[:2] == untimed(first.history)
     for row_got, row_expected in zip(got, expected, strict=True):
         assert row_got.keys() == row_expected.keys()
         for key, value in row_expected.items():
@@ -436,10 +386,17 @@ def test_rsm_options_reach_the_rsm(probe, loader, tmp_path, options):
 
 
 @pytest.mark.parametrize("bar", [True, False])
-def test_progress_of_pairs_per_layer_follows_the_trainer_progress_bar(loader, probe, tmp_path,
-                                                                       capfd, bar):  # fmt: skip
-    fit(TinyNet(), loader, RSMMonitor(probe, ["conv"]), tmp_path, max_epochs=1,
-        enable_progress_bar=bar)  # fmt: skip
+def test_progress_of_pairs_per_layer_follows_the_trainer_progress_bar(
+    loader, probe, tmp_path, capfd, bar
+):
+    fit(
+        TinyNet(),
+        loader,
+        RSMMonitor(probe, ["conv"]),
+        tmp_path,
+        max_epochs=1,
+        enable_progress_bar=bar,
+    )
     err = capfd.readouterr().err
     assert ("RSMMonitor conv" in err) == bar
     if bar:
@@ -455,7 +412,7 @@ def test_warm_started_evaluations_equal_cold_ones(loader, probe, tmp_path):
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=3)
     assert sorted(warm._caches) == ["conv", "pool"] and cold._caches == {}
     assert warm._caches["conv"].stats["warm_pairs"] == 66  # every pair of 12 probe samples
-    for row_warm, row_cold in zip(scores(warm.history), scores(cold.history), strict=True):
+    for row_warm, row_cold in zip(untimed(warm.history), untimed(cold.history), strict=True):
         for key, value in row_cold.items():
             assert row_warm[key] == pytest.approx(value, abs=1e-6), key
     with pytest.raises(MisconfigurationException, match="`warm_start_bytes` to be a non-neg"):

@@ -27,8 +27,9 @@ from lightning_rsm.functional import (
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path,
-                                                                          background):  # fmt: skip
+def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(
+    data, probe, tmp_path, background
+):
     """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks (with
     ``background``, on each rank's worker, in a gloo group of the workers' own)."""
     pl.seed_everything(0, verbose=False)
@@ -90,16 +91,22 @@ class SaveWhatEachRankSaw(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._catcher.__exit__(None, None, None)
         monitor = next(cb for cb in trainer.callbacks if isinstance(cb, RSMMonitor))
-        messages = [str(w.message) for w in self._warnings if "RSMMonitor" in str(w.message)]
+        messages = [str(w.message) for w in self._warnings]
         torch.save(
-            {"history": monitor.history, "warnings": messages, "epochs": trainer.current_epoch},
+            {
+                "history": monitor.history,
+                "warnings": [m for m in messages if "RSMMonitor" in m],
+                "sync_dist": [m for m in messages if "sync_dist" in m],
+                "epochs": trainer.current_epoch,
+            },
             self.folder / f"rank{trainer.global_rank}.pt",
         )
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe, tmp_path,
-                                                                    background):  # fmt: skip
+def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(
+    data, probe, tmp_path, background
+):
     monitor = RSMMonitor(probe, ["conv"], background=background)
     trainer = pl.Trainer(
         callbacks=[monitor, SaveWhatEachRankSaw(tmp_path)],
@@ -110,11 +117,34 @@ def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(data, probe,
     for rank_saw in seen:
         assert rank_saw["epochs"] == 3  # both ranks finished the fit
         assert [row["epoch"] for row in rank_saw["history"]] == [0, 2]
-    untimed = [[{k: v for k, v in row.items() if k != "rsm/time_s"} for row in rank_saw["history"]]
-               for rank_saw in seen]  # fmt: skip
+    untimed = [
+        [{k: v for k, v in row.items() if k != "rsm/time_s"} for row in rank_saw["history"]]
+        for rank_saw in seen
+    ]
     assert untimed[0] == untimed[1]
     # rank 0 warns (rank_zero_warn) about rank 1's failure; rank 1 stays quiet
     assert len(seen[0]["warnings"]) == 1
     assert "evaluation at epoch 1 failed and was skipped on rank 1" in seen[0]["warnings"][0]
     assert "to be finite" in seen[0]["warnings"][0]
     assert seen[1]["warnings"] == []
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_ddp_logs_the_rank_independent_scores_without_a_sync_dist_warning(
+    data, probe, tmp_path, background
+):
+    """The scores are the same on every rank by construction; they reach
+    ``trainer.callback_metrics`` and the loggers directly, never Lightning's epoch reduction,
+    which warns once per key logged without ``sync_dist=True``."""
+    monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(
+        callbacks=[monitor, SaveWhatEachRankSaw(tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, logger=logger),
+    )
+    trainer.fit(TinyNet(), DataLoader(TensorDataset(*data), batch_size=8))
+    seen = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for rank_saw in seen:
+        assert len(rank_saw["history"]) == 2
+        assert rank_saw["sync_dist"] == []
+    assert "rsm/pool/semantic/map" in trainer.callback_metrics

@@ -1,1 +1,2 @@
-"""Shared test machinery: the process-group runner and the Metric tester."""
+"""Shared test machinery: the process-group runner, the Metric tester, one fit of a real
+Trainer with the monitor, and readers of what real loggers wrote."""

@@ -151,7 +151,10 @@ def test_plot_sorts_samples_by_label():
     boundaries = [c for c in ax.collections if c.get_gid() == "boundaries"]
     assert [len(c.get_segments()) for c in boundaries] == [len(labels.unique()) - 1] * 2
     plt.close(fig)
-    fig, ax = RSMComparison().plot(torch.tensor([0.2, 0.5, 0.7]))
+    series = [torch.tensor(0.2), torch.tensor(0.5), torch.tensor(0.7)]  # one value per epoch
+    fig, ax = RSMComparison().plot(series)
+    (line,) = ax.lines
+    torch.testing.assert_close(torch.as_tensor(line.get_ydata()), torch.stack(series))
     plt.close(fig)
 
 

@@ -1,11 +1,13 @@
-"""What one evaluation of :class:`~lightning_rsm.callbacks.RSMMonitor` computes from the probe's
-features: the semantic RSMs (their work shared among ranks), their scores, the layer x layer RSA
-and the heatmaps.
+"""One evaluation of :class:`~lightning_rsm.callbacks.RSMMonitor`, from the probe's features to
+the scores and pictures: the semantic RSMs (their work shared among ranks), their scores, the
+layer x layer RSA and the heatmaps.
 
-A :class:`Scoring` holds everything the computation reads (the options, the probe's labels, the
-previous evaluation's RSMs, the colour ranges fixed so far), taken when the evaluation is handed
-off, so nothing here reads the callback while training goes on. Nothing here imports Lightning:
-the same code runs in the hook (``background=False``) and on the background worker.
+An :class:`Evaluation` holds the probe's features at one step; :meth:`Evaluator.run` turns it into
+an :class:`Outcome`. An :class:`Evaluator` holds everything the computation reads (the
+:class:`~lightning_rsm.callbacks.config.MonitorConfig`, the probe's labels, the previous
+evaluation's RSMs, the colour ranges fixed so far), taken when the evaluation is handed off, so
+nothing here reads the callback while training goes on. Nothing here knows the Trainer: the
+same call runs in the hook (``background=False``) and on the background worker.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_rsm.callbacks.background import Evaluation, Outcome, Rsms
+from lightning_rsm.callbacks.config import MonitorConfig
 from lightning_rsm.callbacks.ranks import run_on_every_rank
 from lightning_rsm.functional import (
     AssignmentCache,
@@ -31,7 +34,40 @@ from lightning_rsm.functional import (
 )
 from lightning_rsm.plotting import default_colour_range, rsm_images
 
+Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
 Ranges = dict[str, tuple[float, float]]
+
+
+@dataclass
+class Evaluation:
+    """The probe's features taken at ``epoch`` and global ``step``: concept vectors ``(N, S, C)``
+    per layer, logits ``(N, K)`` or None, the seconds the capture took, and ``log_step``, the
+    step its scalars and images are logged at. ``ready``: a CUDA event after the features' last
+    write, for a worker stream to wait on (None on the CPU)."""
+
+    epoch: int
+    step: int
+    features: dict[str, Tensor]
+    logits: Tensor | None
+    seconds: float
+    log_step: int = 0
+    ready: Any = None
+
+
+@dataclass
+class Outcome:
+    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
+    images and the colour ranges they used; or ``failure``: ``(rank, error text)``."""
+
+    epoch: int
+    step: int
+    log_step: int
+    scores: dict[str, float] = field(default_factory=dict)
+    rsms: Rsms = field(default_factory=dict)
+    layer_rsa: Tensor | None = None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    ranges: Ranges = field(default_factory=dict)
+    failure: tuple[int, str] | None = None
 
 
 def warm_start_caches(
@@ -51,38 +87,30 @@ def warm_start_caches(
 
 
 @dataclass(frozen=True)
-class Scoring:
-    """The RSM and score options of the callback and the state one evaluation compares against.
+class Evaluator:
+    """The options of the monitor and the state one evaluation compares against.
 
     Attributes:
-        layers: the monitored layers, in the order given.
+        config: the monitor's options (layers, kernel, matcher, baseline, targets, ...).
+        labels: the probe's labels ``(N,)`` or ``(N, L)``, or None.
+        solver_threads: threads of :func:`~lightning_rsm.functional.semantic_rsm`.
         previous: the previous evaluation's semantic RSM per layer (for ``rsa_to_previous``).
         ranges: the colour ranges fixed by earlier evaluations, per layer.
-        num_workers: solver threads of :func:`~lightning_rsm.functional.semantic_rsm`.
         caches: each layer's warm-start cache (exact matcher); used by one evaluation at a time.
     """
 
-    layers: Sequence[str]
-    kernel: str
-    matcher: str
-    sigma: float | None
-    window: int
-    tol: float
-    baseline: bool
-    method: str
-    targets: Mapping[str, Tensor]
+    config: MonitorConfig
     labels: Tensor | None
-    heatmap_range: tuple[float, float] | None
-    num_workers: int | None
+    solver_threads: int | None
     previous: Mapping[str, Tensor] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
     caches: Mapping[str, AssignmentCache] = field(default_factory=dict)
 
-    def compute(
+    def run(
         self,
         evaluation: Evaluation,
-        distributed: bool | dist.ProcessGroup,
-        render: bool,
+        distributed: bool | dist.ProcessGroup = False,
+        render: bool = True,
         progress: bool = False,
     ) -> Outcome:
         """The RSMs (shared among ranks), then scores, then images (``render``); each step ends
@@ -90,7 +118,7 @@ class Scoring:
         others; a failure comes back in the outcome."""
         start = time.perf_counter()
         features, logits = evaluation.features, evaluation.logits
-        outcome = Outcome(evaluation.epoch, evaluation.step)
+        outcome = Outcome(evaluation.epoch, evaluation.step, evaluation.log_step)
         semantic, outcome.failure = run_on_every_rank(
             lambda: self.semantic_rsms(features, distributed, progress), distributed=distributed
         )
@@ -111,15 +139,16 @@ class Scoring:
         self, features: Mapping[str, Tensor], distributed: bool | dist.ProcessGroup, progress: bool
     ) -> dict[str, Tensor]:
         """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``."""
+        config = self.config
         return {
             layer: semantic_rsm(
                 concepts,
-                kernel=self.kernel,
-                matcher=self.matcher,
-                sigma=self.sigma,
-                window=self.window,
-                tol=self.tol,
-                num_workers=self.num_workers,
+                kernel=config.kernel,
+                matcher=config.matcher,
+                sigma=config.sigma,
+                window=config.window,
+                tol=config.tol,
+                num_workers=self.solver_threads,
                 distributed=distributed,
                 progress=progress and f"RSMMonitor {layer}",
                 warm_start=self.caches.get(layer),
@@ -131,30 +160,31 @@ class Scoring:
         self, features: Mapping[str, Tensor], semantic: Mapping[str, Tensor], logits: Tensor | None
     ) -> tuple[dict[str, float], Rsms, Tensor]:
         """Scores of every RSM, the RSMs (float32, CPU) and the layer x layer RSA."""
+        config = self.config
         output_similarity = None if logits is None else jensen_shannon_similarity(logits.double())
         scores: dict[str, float] = {}
         rsms: Rsms = {}
-        for layer in self.layers:
+        for layer in config.layers:
             kinds = {"semantic": semantic[layer]}
-            if self.baseline:
+            if config.baseline:
                 kinds["baseline"] = spatio_semantic_rsm(
-                    features[layer], kernel=self.kernel, sigma=self.sigma
+                    features[layer], kernel=config.kernel, sigma=config.sigma
                 )
             rsms[layer] = kinds = {kind: rsm.float().cpu() for kind, rsm in kinds.items()}
             for kind, rsm in kinds.items():
                 quality = rsm_scores(rsm, self.labels, output_similarity=output_similarity)
                 scores.update({f"rsm/{layer}/{kind}/{k}": float(v) for k, v in quality.items()})
             scores.update(self.comparisons(layer, kinds["semantic"]))
-        layer_rsa = rsa_matrix([kinds["semantic"] for kinds in rsms.values()], method=self.method)
+        layer_rsa = rsa_matrix([kinds["semantic"] for kinds in rsms.values()], method=config.method)
         return scores, rsms, layer_rsa
 
     def comparisons(self, layer: str, rsm: Tensor) -> dict[str, float]:
         """RSA with the previous evaluation's RSM and with each target."""
-        others = {f"vs_{name}": target for name, target in self.targets.items()}
+        others = {f"vs_{name}": target for name, target in self.config.targets.items()}
         if layer in self.previous:
             others["rsa_to_previous"] = self.previous[layer]
         return {
-            f"rsm/{layer}/{name}": float(compare_rsms(rsm, other, method=self.method))
+            f"rsm/{layer}/{name}": float(compare_rsms(rsm, other, method=self.config.method))
             for name, other in others.items()
         }
 
@@ -165,8 +195,8 @@ class Scoring:
 
     def colour_range(self, layer: str, kinds: Mapping[str, Tensor]) -> tuple[float, float]:
         """``heatmap_range``, or the layer's range fixed at its first evaluation."""
-        if self.heatmap_range is not None:
-            return self.heatmap_range
+        if self.config.heatmap_range is not None:
+            return self.config.heatmap_range
         if layer in self.ranges:
             return self.ranges[layer]
-        return default_colour_range(self.kernel, list(kinds.values()))
+        return default_colour_range(self.config.kernel, list(kinds.values()))
