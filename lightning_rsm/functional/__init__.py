@@ -10,6 +10,7 @@ from lightning_rsm.functional.matching import (
     match_greedy,
     match_windowed,
 )
+from lightning_rsm.functional.pairs import RSMCancelled
 from lightning_rsm.functional.representations import to_concepts
 from lightning_rsm.functional.retrieval import (
     retrieval_average_precision,
@@ -24,6 +25,7 @@ from lightning_rsm.functional.warm_start import AssignmentCache
 __all__ = [
     "AssignmentCache",
     "LapResult",
+    "RSMCancelled",
     "assignment_upper_bound",
     "auction_assignment",
     "compare_rsms",

@@ -44,6 +44,7 @@ from torch import Tensor
 from lightning_rsm.functional.jonker_volgenant import (
     _HAVE_NUMBA,
     _augmenting_row_reduction,
+    _certified,
     _cold_start,
     _njit,
     _shortest_path,
@@ -55,11 +56,12 @@ _BACKENDS = ("numba", "scipy")
 
 # The batch driver, compiled like the kernels it calls.
 @_njit
-def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
-    """Solve one matrix (``cost`` holds the scores; costs are their negatives) into x, y, v.
+def _solve_from(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
+    """Solve one matrix (``cost`` holds the scores; costs are their negatives) into x, y, v,
+    warm from ``x0, v0`` where ``warm`` and the warm start is usable, else cold.
 
-    Returns ``(rows not kept from the warm start, rows that needed a shortest path)``, or
-    ``(-1, -1)`` if ``cost`` holds NaN/Inf.
+    Returns ``(rows not kept from the warm start (S when solved cold), rows that needed a
+    shortest path, whether it was solved warm)``; the counts are -1 if ``cost`` holds NaN/Inf.
     """
     n = cost.shape[0]
     for j in range(n):
@@ -73,7 +75,7 @@ def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
         n_free = _cold_start(cost, x, y, v, free)
         warm = False
     if n_free < 0:
-        return -1, -1
+        return -1, -1, warm
     not_kept = n_free if warm else n
     for _ in range(2):
         if n_free == 0:
@@ -89,7 +91,28 @@ def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
             k = x[i]
             x[i] = j
             j = k
-    return not_kept, n_free
+    return not_kept, n_free, warm
+
+
+@_njit
+def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred, stats):
+    """:func:`_solve_from`, then, for a warm solve, the optimality certificate of the result on
+    the current scores alone (:func:`_certified`); a matrix that fails it is solved cold.
+
+    Writes to ``stats``: rows not kept, rows that needed a shortest path, and 1 where a warm
+    start was tried but the matrix was solved cold (start unusable or certificate failed).
+    Returns False if ``cost`` holds NaN/Inf.
+    """
+    not_kept, paths, solved_warm = _solve_from(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred)
+    if solved_warm and not_kept >= 0 and not _certified(cost, x, y, v):
+        not_kept, paths, solved_warm = _solve_from(
+            cost, False, x0, v0, x, y, v, u, free, d, cols, pred
+        )
+    fell_back = warm and not solved_warm
+    stats[0] = not_kept
+    stats[1] = paths
+    stats[2] = 1 if fell_back else 0
+    return not_kept >= 0
 
 
 @_njit
@@ -119,6 +142,7 @@ def _solve_batch(scores, slots, warm, assign, duals, values, stats):
             values[b] = cost[0, 0] if np.isfinite(cost[0, 0]) else np.nan
             stats[b, 0] = 0 if use else 1
             stats[b, 1] = 0
+            stats[b, 2] = 0
             if slot >= 0:
                 assign[slot, 0] = 0
                 duals[slot, 0] = -cost[0, 0]
@@ -127,10 +151,7 @@ def _solve_batch(scores, slots, warm, assign, duals, values, stats):
             for j in range(n):
                 x0[j] = assign[slot, j]
                 v0[j] = duals[slot, j]
-        kept, paths = _solve_one(cost, use, x0, v0, x, y, v, u, free, d, cols, pred)
-        stats[b, 0] = kept
-        stats[b, 1] = paths
-        if kept < 0:
+        if not _solve_one(cost, use, x0, v0, x, y, v, u, free, d, cols, pred, stats[b]):
             values[b] = np.nan
             continue
         total = 0.0
@@ -163,15 +184,16 @@ def _solve_into(
     """Solve C-contiguous float32/64 ``scores`` (B, S, S); warm from/into rows of assign/duals.
 
     ``slots[b]`` is the row of ``assign``/``duals`` that holds matrix b's solution (-1: none),
-    used as the start where ``warm[b]``. Returns ``(values (B,), rows (B, 2))``, see
-    :class:`LapResult`. Without numba the solves are cold (scipy) and nothing is stored.
+    used as the start where ``warm[b]``. Returns ``(values (B,), rows (B, 3))``: the two
+    counts of :class:`LapResult` ``rows``, then 1 where a warm start was tried but the matrix
+    was solved cold. Without numba the solves are cold (scipy) and nothing is stored.
     """
     batch = scores.shape[0]
     values = np.empty(batch, dtype=np.float64)
-    rows = np.empty((batch, 2), dtype=np.int64)
+    rows = np.empty((batch, 3), dtype=np.int64)
     if _resolve_backend(backend) == "scipy":
         _scipy_batch(scores, values, None)
-        rows[:, 0], rows[:, 1] = scores.shape[1], 0
+        rows[:, 0], rows[:, 1], rows[:, 2] = scores.shape[1], 0, 0
         return values, rows
     _solve_batch(scores, slots, warm, assign, duals, values, rows)
     n_bad = int(np.isnan(values).sum())
@@ -308,7 +330,7 @@ def linear_assignment_batch(
     if warm:
         assign[:] = np.clip(prior[0], -1, size).astype(np.int64)
         dual[:] = prior[1].astype(np.float64)
-    rows = np.empty((batch, 2), dtype=np.int64)
+    rows = np.empty((batch, 3), dtype=np.int64)
     slots = np.arange(batch, dtype=np.int64)
     _solve_batch(array, slots, np.full(batch, warm), assign, dual, values, rows)
-    return LapResult(values, assign, dual, rows)
+    return LapResult(values, assign, dual, rows[:, :2].copy())

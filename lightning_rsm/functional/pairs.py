@@ -68,6 +68,38 @@ _AUCTION_BYTES_PER_ENTRY = 40
 Segment = tuple[int, int, int]  # (row i, first column j0, end column j1)
 
 
+class RSMCancelled(Exception):
+    """Raised by :func:`~lightning_rsm.functional.semantic_rsm` when its ``should_stop`` returned
+    True: the computation stopped between two blocks of pairs and returned nothing.
+
+    Example:
+        >>> import torch
+        >>> from lightning_rsm.functional import semantic_rsm
+        >>> semantic_rsm(torch.rand(4, 8, 2, 2), should_stop=lambda: True)
+        Traceback (most recent call last):
+        ...
+        lightning_rsm.functional.pairs.RSMCancelled: semantic_rsm stopped: `should_stop` returned \
+True with 0 of 1 blocks solved.
+    """
+
+
+def available_cpus() -> int:
+    """Cores this process may run on: ``os.process_cpu_count()`` (Python 3.13+), else the
+    affinity mask where the platform has one (Linux), else ``os.cpu_count()`` (at least 1).
+
+    Example:
+        >>> available_cpus() >= 1
+        True
+    """
+    if hasattr(os, "process_cpu_count"):
+        count = os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0))
+    else:
+        count = os.cpu_count()
+    return count or 1
+
+
 def _default_block_pairs(size: int, matcher: str, device: torch.device) -> int:
     """Pairs per block: from free memory for torch matchers on CUDA, else a fixed budget."""
     if device.type == "cuda" and matcher in TORCH_MATCHERS:
@@ -194,16 +226,34 @@ def _run_blocks(
     work: Callable[[list[Segment]], tuple[list[Segment], Tensor, Tensor]],
     num_workers: int,
     progress: bool | str,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[list[Segment], Tensor, Tensor]]:
-    """Yield solved blocks, at most ``2 * num_workers`` in flight; Ctrl-C cancels the rest."""
+    """Yield solved blocks, at most ``2 * num_workers`` in flight.
+
+    ``should_stop`` is asked before each block starts and after each one ends (at least every
+    half second with threads); once it returns True, :class:`RSMCancelled` is raised. On any
+    exception (Ctrl-C included) blocks not yet started are dropped and the call returns once the
+    running ones end: no thread is left behind.
+    """
     total = sum(j1 - j0 for block in blocks for _, j0, j1 in block)
     label = progress if isinstance(progress, str) else "semantic RSM"
     bar = tqdm(total=total, disable=not progress, unit="pair", desc=label, leave=False)
+    solved = 0
+
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise RSMCancelled(
+                "semantic_rsm stopped: `should_stop` returned True with "
+                f"{solved} of {len(blocks)} blocks solved."
+            )
+
     # The small per-block matmuls run fastest on one thread each; the workers use the cores.
     with bar, _intra_op_threads(1):
         if num_workers == 1:
             for block in blocks:
+                check()
                 result = work(block)
+                solved += 1
                 bar.update(sum(j1 - j0 for _, j0, j1 in block))
                 yield result
             return
@@ -218,6 +268,7 @@ def _run_blocks(
         todo = iter(blocks)
         try:
             while True:
+                check()
                 for block in todo:
                     pending.add(pool.submit(work, block))
                     if len(pending) >= 2 * num_workers:
@@ -227,6 +278,7 @@ def _run_blocks(
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     result = future.result()
+                    solved += 1
                     bar.update(sum(j1 - j0 for _, j0, j1 in result[0]))
                     yield result
         finally:
@@ -244,6 +296,7 @@ def _assignment_bounds(
     progress: bool | str,
     distributed: bool | dist.ProcessGroup,
     sq_x: Tensor,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds on v_ij for every pair, float64 tensors of shape ``(N, M)``.
 
@@ -258,7 +311,7 @@ def _assignment_bounds(
     blocks = blocks[rank::world]
     if num_workers is None:
         on_device = xs.is_cuda and matcher in TORCH_MATCHERS
-        num_workers = 1 if on_device else len(os.sched_getaffinity(0))
+        num_workers = 1 if on_device else available_cpus()
     solve = _MATCHERS[matcher]
 
     def work(block: list[Segment]) -> tuple[list[Segment], Tensor, Tensor]:
@@ -269,7 +322,7 @@ def _assignment_bounds(
     error = None
     try:
         for block, value, bound in _run_blocks(
-            blocks, work, num_workers, progress if rank == 0 else False
+            blocks, work, num_workers, progress if rank == 0 else False, should_stop
         ):
             start = 0
             for i, j0, j1 in block:

@@ -31,6 +31,19 @@ from torch import Tensor
 from lightning_rsm.functional.options import check_choice, check_positive_int
 
 _SHAPES = "(N, C, H, W), (N, T, D) or (N, D)"
+# Dtypes of representations: floats with NaN/Inf checks and the integers (converted to float32);
+# not float8, whose tensors support neither the checks nor the products.
+_REAL_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
 
 #: Which tokens of an ``(N, T, D)`` layer become concept vectors.
 TOKEN_SELECTIONS = ("all", "patches", "special")
@@ -91,11 +104,11 @@ def _check_representations(x: object, name: str = "x", *, min_samples: int = 1) 
             f"Expected `{name}` to hold at least {min_samples} samples along dim 0, "
             f"but got shape {tuple(x.shape)}."
         )
-    if not (
-        x.is_floating_point()
-        or x.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-    ):
-        raise TypeError(f"Expected `{name}` to have a real dtype, but got {x.dtype}.")
+    if x.dtype not in _REAL_DTYPES:
+        raise TypeError(
+            f"Expected `{name}` to have a real dtype ({', '.join(map(str, _REAL_DTYPES))}), "
+            f"but got {x.dtype}."
+        )
     if any(d == 0 for d in x.shape[1:]):
         raise ValueError(
             f"Expected `{name}` to have no empty dimension, but got shape {tuple(x.shape)}."

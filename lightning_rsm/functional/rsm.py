@@ -17,6 +17,10 @@ ranks of the process group and the result gathered.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -44,18 +48,115 @@ def _check_pair(x: Tensor, y: Tensor | None) -> None:
         )
     if x.device != y.device:
         raise ValueError(f"Expected `x` and `y` on one device, but got {x.device} and {y.device}.")
+    if x.dtype != y.dtype:
+        raise TypeError(f"Expected `y` to have the dtype of `x` ({x.dtype}), but got {y.dtype}.")
 
 
-def _prepare(x: Tensor, y: Tensor | None, max_positions: int | None) -> tuple[Tensor, Tensor]:
+class _Concepts(NamedTuple):
+    """Concept vectors ready for products, and the scale they were brought to.
+
+    Sample i of ``xs`` is ``X_i / (rel_x[i] * unit)``: ``rel_x``/``rel_y`` are float64 powers of
+    two at most 1 (None when no sample needed scaling) and ``unit`` a power of two, so products
+    of scaled samples are the true ones times exact powers of two.
+    """
+
+    xs: Tensor
+    ys: Tensor
+    rel_x: Tensor | None
+    rel_y: Tensor | None
+    unit: float
+
+
+def _power_of_two_scales(amax: Tensor) -> Tensor:
+    """float64 ``2^e`` with ``amax / 2^e`` in [0.5, 1) (1 where ``amax`` is 0)."""
+    exponent = torch.frexp(amax)[1].clamp(-1000, 1000)
+    return torch.ldexp(torch.ones_like(amax), exponent)
+
+
+def _prepare(x: Tensor, y: Tensor | None, max_positions: int | None) -> _Concepts:
     """Concept vectors ``(N, S, C)`` and ``(M, S, C)`` in float32 or float64, detached.
 
-    The inputs must have passed :func:`_check_pair` (each tensor is scanned for NaN/Inf once).
+    Where products of the samples could overflow (or underflow) the dtype, each sample is divided
+    by a power of two (exact) that brings its largest entry into [0.5, 1): finite inputs give
+    finite products. Otherwise nothing is scaled (the results are bit for bit those of the
+    unscaled inputs, and warm starts see the same scores). The inputs must have passed
+    :func:`_check_pair` (each tensor is scanned for NaN/Inf once).
     """
     xs = _reshape_concepts(x.detach(), max_positions)
     ys = xs if y is None else _reshape_concepts(y.detach(), max_positions)
     if xs.dtype not in (torch.float32, torch.float64):
         xs, ys = xs.float(), ys.float()
-    return xs, ys
+    amax_x = xs.abs().flatten(1).amax(1).double()
+    amax_y = amax_x if y is None else ys.abs().flatten(1).amax(1).double()
+    both = torch.cat([amax_x, amax_y])
+    nonzero = both[both > 0]
+    if nonzero.numel() == 0:
+        return _Concepts(xs, ys, None, None, 1.0)
+    finfo = torch.finfo(xs.dtype)
+    hi, lo = float(nonzero.max()), float(nonzero.min())
+    # a product of two samples sums S * C terms of at most hi^2; squares of the smallest
+    # sample's entries must stay normal numbers
+    if hi * hi * xs.shape[1] * xs.shape[2] <= finfo.max / 4 and lo * lo >= finfo.tiny / finfo.eps:
+        return _Concepts(xs, ys, None, None, 1.0)
+    scale_x = _power_of_two_scales(amax_x)
+    scale_y = scale_x if y is None else _power_of_two_scales(amax_y)
+    unit = float(torch.cat([scale_x, scale_y]).max())
+
+    def scaled(concepts: Tensor, scale: Tensor) -> Tensor:
+        return (concepts.double() / scale.view(-1, 1, 1)).to(concepts.dtype)
+
+    xs_scaled = scaled(xs, scale_x)
+    ys_scaled = xs_scaled if y is None else scaled(ys, scale_y)
+    return _Concepts(xs_scaled, ys_scaled, scale_x / unit, scale_y / unit, unit)
+
+
+def _in_units(values: Tensor, sq_x: Tensor, sq_y: Tensor, concepts: _Concepts) -> tuple:
+    """Inner products and squared norms of scaled samples, in multiples of ``unit^2``."""
+    if concepts.rel_x is None:
+        return values, sq_x, sq_y
+    rel_x, rel_y = concepts.rel_x, concepts.rel_y
+    return values * rel_x.unsqueeze(1) * rel_y.unsqueeze(0), sq_x * rel_x**2, sq_y * rel_y**2
+
+
+def _check_representable(values: Tensor, unit: float, dtype: torch.dtype, names: str) -> None:
+    """Raise if inner products ``values * unit^2`` do not fit ``dtype`` (``values`` float64)."""
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    limit = torch.finfo(dtype).max
+    if largest > limit / unit / unit:
+        exponent = math.log10(largest) + 2 * math.log10(unit)
+        raise ValueError(
+            f"Expected the inner products of {names} to fit in {dtype} (at most {limit:.3g}), "
+            f"but the largest is about 1e{exponent:.0f}; scale the input down or use "
+            "kernel='cosine' or 'rbf'."
+        )
+
+
+def _kernel(
+    values: Tensor,
+    sq_x: Tensor,
+    sq_y: Tensor,
+    kernel: str,
+    sigma: float | None,
+    symmetric: bool,
+    concepts: _Concepts,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """:func:`_apply_kernel` on products of scaled samples: the kernel of the true samples.
+
+    ``sigma`` is in the units of the true samples. Inner products that do not fit ``dtype``
+    raise (None: no check).
+    """
+    if kernel == "cosine":  # the scales cancel, whatever the range between samples
+        return _apply_kernel(values, sq_x, sq_y, kernel, sigma, symmetric)
+    values, sq_x, sq_y = _in_units(values, sq_x, sq_y, concepts)
+    unit = concepts.unit
+    if kernel == "inner":
+        if dtype is not None:
+            _check_representable(values, unit, dtype, "`x`" if symmetric else "`x` and `y`")
+        return values * unit * unit if unit != 1.0 else values
+    if kernel == "rbf" and sigma is not None:
+        sigma = sigma / unit
+    return _apply_kernel(values, sq_x, sq_y, kernel, sigma, symmetric)
 
 
 def semantic_rsm(
@@ -74,6 +175,7 @@ def semantic_rsm(
     return_gap: bool = False,
     distributed: bool | dist.ProcessGroup = False,
     warm_start: AssignmentCache | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Permutation-invariant (semantic) RSM: kernel of optimally aligned concept vectors.
 
@@ -116,6 +218,12 @@ def semantic_rsm(
             exact solve from its solution in the previous call with this cache and store the
             new one: the same (exact) RSM, cheaper when the features changed little, e.g. one
             cache per monitored layer, evaluated every epoch. Only ``matcher="exact"`` uses it.
+        should_stop: optional callable without arguments, e.g. ``threading.Event().is_set``,
+            asked between blocks of pairs (before each block starts, after each one ends, and at
+            least every half second while threads solve); once it returns True the computation
+            stops and raises :class:`~lightning_rsm.functional.RSMCancelled`. The threads end
+            with the blocks they are solving, so the call returns within about one block's
+            time. A ``warm_start`` cache stays valid (it keeps the pairs solved so far).
 
     Returns:
         tensor of shape ``(N, M)`` on ``x``'s device (symmetric when ``y`` is None), in
@@ -123,10 +231,15 @@ def semantic_rsm(
         ``(rsm, gap)``. Cosine entries of a sample whose features are all zero are 0.
 
     Raises:
-        TypeError: If ``x`` or ``y`` is not a real tensor.
-        TypeError: If ``warm_start`` is not an ``AssignmentCache`` or None.
+        TypeError: If ``x`` or ``y`` is not a real tensor (float8 is not supported), or ``y``
+            has another dtype than ``x``.
+        TypeError: If ``warm_start`` is not an ``AssignmentCache`` or None, or ``should_stop``
+            is not callable or None.
         ValueError: If a name is unknown, ``x`` has another number of dimensions, fewer than 2
             samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ in S or C.
+        ValueError: If ``kernel="inner"`` and an inner product does not fit the result's dtype
+            (the cosine and rbf kernels of finite inputs are always finite).
+        RSMCancelled: If ``should_stop`` returned True.
 
     Example:
         >>> import torch
@@ -137,6 +250,8 @@ def semantic_rsm(
     """
     check_rsm_options(kernel, matcher, sigma, window, tol, max_positions)
     check_positive_int(block_size, "block_size", optional=True)
+    if should_stop is not None and not callable(should_stop):
+        raise TypeError(f"Expected `should_stop` to be callable or None, but got {should_stop!r}.")
     check_positive_int(num_workers, "num_workers", optional=True)
     if not isinstance(distributed, (bool, dist.ProcessGroup)):
         raise TypeError(
@@ -148,14 +263,17 @@ def semantic_rsm(
             f"but got {type(warm_start).__name__}."
         )
     _check_pair(x, y)
-    xs, ys = _prepare(x, y, max_positions)
+    concepts = _prepare(x, y, max_positions)
+    xs, ys = concepts.xs, concepts.ys
     symmetric = y is None
+    sq_x = _squared_norms(xs)
+    sq_y = sq_x if symmetric else _squared_norms(ys)
+    if kernel == "inner" and symmetric:  # the diagonal holds the squared norms: fail early
+        _kernel(sq_x.diag(), sq_x, sq_y, kernel, sigma, symmetric, concepts, xs.dtype)
     if matcher != "exact":
         warm_start = None
     elif warm_start is not None:
         warm_start._bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
-    sq_x = _squared_norms(xs)
-    sq_y = sq_x if symmetric else _squared_norms(ys)
     lower, upper = _assignment_bounds(
         xs,
         ys,
@@ -167,14 +285,15 @@ def semantic_rsm(
         progress,
         distributed,
         sq_x,
+        should_stop,
     )
     if kernel == "rbf" and sigma is None:
-        sigma = _median_sigma(lower, sq_x, sq_y, symmetric)
-    rsm = _apply_kernel(lower, sq_x, sq_y, kernel, sigma, symmetric)
+        sigma = _median_sigma(*_in_units(lower, sq_x, sq_y, concepts), symmetric) * concepts.unit
+    rsm = _kernel(lower, sq_x, sq_y, kernel, sigma, symmetric, concepts, xs.dtype)
     if not return_gap:
         return rsm.to(xs.dtype)
     # The kernels are increasing in v, so the upper bound on v bounds the kernel from above.
-    gap = _apply_kernel(upper, sq_x, sq_y, kernel, sigma, symmetric) - rsm
+    gap = _kernel(upper, sq_x, sq_y, kernel, sigma, symmetric, concepts, None) - rsm
     return rsm.to(xs.dtype), gap.clamp_min(0.0).to(xs.dtype)
 
 
@@ -200,9 +319,11 @@ def spatio_semantic_rsm(
         tensor of shape ``(N, M)`` on ``x``'s device, in ``x``'s dtype.
 
     Raises:
-        TypeError: If ``x`` or ``y`` is not a real tensor.
+        TypeError: If ``x`` or ``y`` is not a real tensor (float8 is not supported), or ``y``
+            has another dtype than ``x``.
         ValueError: If ``kernel`` is unknown, ``x`` has another number of dimensions, fewer than
             2 samples (with ``y=None``), NaN/Inf, or ``x`` and ``y`` differ after dim 0.
+        ValueError: If ``kernel="inner"`` and an inner product does not fit the result's dtype.
 
     Example:
         >>> import torch
@@ -213,7 +334,8 @@ def spatio_semantic_rsm(
     """
     check_rsm_options(kernel, sigma=sigma)
     _check_pair(x, y)
-    xs, ys = _prepare(x, y, None)
+    concepts = _prepare(x, y, None)
+    xs, ys = concepts.xs, concepts.ys
     symmetric = y is None
     flat_x, flat_y = xs.flatten(1), ys.flatten(1)
     traces = (flat_x @ flat_y.T).double()
@@ -222,4 +344,4 @@ def spatio_semantic_rsm(
     if symmetric:
         traces = (traces + traces.T) / 2
         traces.diagonal().copy_(sq_x)
-    return _apply_kernel(traces, sq_x, sq_y, kernel, sigma, symmetric).to(xs.dtype)
+    return _kernel(traces, sq_x, sq_y, kernel, sigma, symmetric, concepts, xs.dtype).to(xs.dtype)

@@ -109,7 +109,14 @@ class AssignmentCache:
 
     @staticmethod
     def _empty_stats() -> dict[str, int]:
-        return dict(pairs=0, warm_pairs=0, rows=0, rows_reassigned=0, rows_shortest_path=0)
+        return dict(
+            pairs=0,
+            warm_pairs=0,
+            warm_pairs_solved_cold=0,
+            rows=0,
+            rows_reassigned=0,
+            rows_shortest_path=0,
+        )
 
     def _bind(self, n: int, m: int, size: int, symmetric: bool) -> None:
         """Prepare for a call on N x M pairs at S = ``size``; empties the cache if that changed."""
@@ -147,6 +154,7 @@ class AssignmentCache:
             stats = self.stats
             stats["pairs"] += len(slots)
             stats["warm_pairs"] += int(warm.sum())
+            stats["warm_pairs_solved_cold"] += int(rows[:, 2].sum())
             stats["rows"] += scores.shape[0] * scores.shape[1]
             stats["rows_reassigned"] += int(rows[:, 0].sum())
             stats["rows_shortest_path"] += int(rows[:, 1].sum())

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
+from helpers.lap_oracle import optimal_values
 
 from lightning_rsm.functional import (
     AssignmentCache,
@@ -16,6 +16,7 @@ from lightning_rsm.functional import (
     match_exact,
     semantic_rsm,
 )
+from lightning_rsm.functional.jonker_volgenant import _certified
 
 needs_numba = pytest.mark.skipif(not lap._HAVE_NUMBA, reason="numba is not importable")
 
@@ -36,10 +37,6 @@ def _problems(kind: str, batch: int, size: int, rng: np.random.Generator) -> np.
     raise AssertionError(kind)
 
 
-def _scipy_values(scores: np.ndarray) -> np.ndarray:
-    return np.array([m[linear_sum_assignment(m, maximize=True)].sum() for m in scores])
-
-
 def _check_optimal(scores: np.ndarray, result) -> None:
     """Permutations whose value is reported and equals scipy's optimum."""
     size = scores.shape[1]
@@ -47,7 +44,7 @@ def _check_optimal(scores: np.ndarray, result) -> None:
     own = np.take_along_axis(scores, result.assignment[:, :, None], axis=2).sum(axis=(1, 2))
     scale = 1e-12 * np.maximum(1.0, np.abs(scores).max(axis=(1, 2)) * size)
     np.testing.assert_allclose(result.value, own, rtol=0, atol=scale.max())
-    assert (np.abs(result.value - _scipy_values(scores)) <= scale).all()
+    assert (np.abs(result.value - optimal_values(scores)) <= scale).all()
 
 
 KINDS = ("normal", "integer", "relu", "zeros", "low_rank")
@@ -302,7 +299,7 @@ def test_scipy_fallback_without_numba(monkeypatch):
         assert cache.stats["rows_reassigned"] == cache.stats["rows"]
     scores = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(12))
     value = match_exact(scores)[0].numpy()
-    np.testing.assert_allclose(value, _scipy_values(scores.double().numpy()), rtol=1e-12)
+    np.testing.assert_allclose(value, optimal_values(scores.double().numpy()), rtol=1e-12)
 
 
 def test_a_pickled_cache_keeps_its_cap_and_starts_cold():
@@ -314,3 +311,101 @@ def test_a_pickled_cache_keeps_its_cap_and_starts_cold():
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.max_bytes == 4096 and copy.nbytes == 0 and cache.nbytes > 0
     torch.testing.assert_close(semantic_rsm(x, warm_start=copy), semantic_rsm(x))
+
+
+def _pair_optima(x: torch.Tensor) -> torch.Tensor:
+    """Scipy's optimum of every pair i < j of concept vectors ``(N, S, C)``, and its scale."""
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    scores = torch.matmul(x[i], x[j].transpose(1, 2))
+    return torch.from_numpy(optimal_values(scores)), scores.abs().flatten(1).amax(1)
+
+
+@needs_numba
+def test_warm_start_after_a_large_common_component_is_exact():
+    # One channel constant at 3e7 at every position, then zero: the old duals (about -1e16) are
+    # far larger than the new scores; a tolerance that grew with them kept wrong edges.
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 6, 4, 4, generator=gen, dtype=torch.float64).relu()
+        first, later = x.clone(), x.clone()
+        first[:, 0], later[:, 0] = 3e7, 0.0
+        cache = AssignmentCache()
+        semantic_rsm(first, warm_start=cache)
+        warm = semantic_rsm(later, warm_start=cache)
+        assert cache.stats["warm_pairs"] == 28
+        torch.testing.assert_close(warm, semantic_rsm(later), rtol=0, atol=1e-12)
+
+
+_STEPS = ("offset", "offset off", "scale", "flip", "ties", "zero", "back", "drift", "fresh")
+
+
+def _step(kind: str, x: torch.Tensor, history: list, gen: torch.Generator) -> torch.Tensor:
+    """One evaluation's features from the previous ones: how features change in a long run."""
+    n = x.shape[0]
+    pick = int(torch.randint(0, n, (1,), generator=gen))
+    power = float(torch.empty(1).uniform_(-6, 6, generator=gen))
+    if kind == "offset":  # one channel constant at every position, 1e6 to 1e8 times the rest
+        x = x.clone()
+        x[:, :, 0] = float(x.abs().max()) * 10 ** (7 + power / 6)
+    elif kind == "offset off":
+        x = x.clone()
+        x[:, :, 0] = 0.0
+    elif kind == "scale":
+        x = x * 10**power
+    elif kind == "flip":
+        x = x.clone()
+        x[pick] = -x[pick]
+    elif kind == "ties":
+        x = (x / x.abs().max().clamp_min(1e-300) * 2).round()
+    elif kind == "zero":
+        x = x.clone()
+        x[pick] = 0.0
+    elif kind == "back":
+        x = history[int(torch.randint(0, len(history), (1,), generator=gen))]
+    elif kind == "drift":  # every entry by about 1 %
+        x = x * (1 + 0.01 * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    else:
+        x = torch.randn(x.shape, generator=gen, dtype=x.dtype).relu() * 10**power
+    return x
+
+
+@needs_numba
+@pytest.mark.parametrize("seed", range(24))
+def test_warm_starts_over_random_sequences_of_evaluations_match_scipy(seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = (1, 2, 3, 5, 9, 16)[seed % 6]
+    x = torch.randn(5, size, 3, generator=gen, dtype=torch.float64).relu()
+    cache = AssignmentCache()
+    history = [x]
+    kind = ("fresh", "offset")[seed % 2]  # the first, cold, evaluation: huge duals or not
+    for step in range(16):
+        # a common component comes and goes: "offset off" follows "offset" every other time
+        if step == 0:
+            pass
+        elif kind != "offset" or bool(torch.randint(0, 2, (1,), generator=gen)):
+            kind = _STEPS[int(torch.randint(0, len(_STEPS), (1,), generator=gen))]
+        else:
+            kind = "offset off"
+        x = _step(kind, x, history, gen)
+        history.append(x)
+        rsm = semantic_rsm(x, kernel="inner", warm_start=cache)
+        i, j = torch.triu_indices(5, 5, offset=1)
+        optimum, scale = _pair_optima(x)
+        error = (rsm[i, j] - optimum).abs()
+        assert (error <= 1e-12 * size * scale).all(), (kind, error.max())
+
+
+@needs_numba
+def test_the_certificate_accepts_optimal_solutions_and_rejects_others():
+    rng = np.random.default_rng(5)
+    scores = _problems("normal", 20, 12, rng) * 1e-8
+    result = linear_assignment_batch(scores)
+    for cost, x, v in zip(scores, result.assignment, result.duals, strict=True):
+        y = np.argsort(x)
+        assert _certified(cost, x, y, v)
+        worse = x.copy()
+        worse[[0, 1]] = worse[[1, 0]]  # any other permutation leaves an edge far from tight
+        if cost[np.arange(12), worse].sum() < cost[np.arange(12), x].sum() - 1e-20:
+            assert not _certified(cost, worse, np.argsort(worse), v)
+        assert not _certified(cost, x, y, v + 1e3 * np.arange(12))  # duals far off the scale

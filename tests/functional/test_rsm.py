@@ -220,6 +220,10 @@ def test_progress_bar_runs(capsys):
         ({"max_positions": 0}, ValueError, "max_positions"),
         ({"x": torch.zeros(3, 2, 0, 2)}, ValueError, "empty dimension"),
         ({"x": torch.zeros(3, 2, 2, dtype=torch.complex64)}, TypeError, "real dtype"),
+        ({"x": torch.zeros(3, 2, 2, dtype=torch.float8_e4m3fn)}, TypeError, "`x` to have a real"),
+        ({"y": torch.rand(3, 2, 2, 2, dtype=torch.float64)}, TypeError, "`y` to have the dtype"),
+        ({"y": torch.rand(3, 2, 2, 2).bfloat16()}, TypeError, "`y` to have the dtype of `x`"),
+        ({"should_stop": True}, TypeError, "`should_stop` to be callable"),
     ],
 )
 def test_validation_errors(kwargs, error, match):
@@ -263,3 +267,70 @@ def test_ctrl_c_stops_a_long_computation():
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in err
     assert "pair" in err  # the progress bar was running
+
+
+@pytest.mark.parametrize("function", [semantic_rsm, spatio_semantic_rsm])
+@pytest.mark.parametrize(
+    ("dtype", "factor"),
+    [
+        (torch.float32, 1e20),
+        (torch.float32, 1e-25),
+        (torch.float64, 1e200),
+        (torch.float64, 1e-200),
+    ],
+)
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+def test_finite_inputs_far_from_one_give_the_rsm_of_the_unscaled_inputs(
+    function, dtype, factor, kernel
+):
+    x = relu_maps(n=5, c=4, h=2, w=3).to(dtype)
+    got = function(x * factor, kernel=kernel, **({"sigma": factor} if kernel == "rbf" else {}))
+    expected = function(x, kernel=kernel, **({"sigma": 1.0} if kernel == "rbf" else {}))
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("matcher", ["exact", "windowed", "greedy", "auction"])
+def test_every_matcher_survives_scores_beyond_float32(matcher):
+    x = relu_maps(n=4, c=3, h=2, w=2)
+    expected = semantic_rsm(x, matcher=matcher)
+    torch.testing.assert_close(semantic_rsm(x * 1e20, matcher=matcher), expected, atol=1e-5, rtol=0)
+
+
+def test_samples_of_very_different_scales_keep_their_cosines():
+    x = relu_maps(n=4, c=3, h=2, w=2).double()
+    scales = torch.tensor([1e-150, 1.0, 1e150, 1e300], dtype=torch.float64).view(-1, 1, 1, 1)
+    torch.testing.assert_close(semantic_rsm(x * scales), semantic_rsm(x))
+    torch.testing.assert_close(spatio_semantic_rsm(x * scales), spatio_semantic_rsm(x))
+
+
+def test_inputs_scaled_by_powers_of_two_give_the_same_bits():
+    x = relu_maps(n=5, c=4, h=2, w=3)
+    assert torch.equal(semantic_rsm(x * 2.0**100), semantic_rsm(x))
+    assert torch.equal(spatio_semantic_rsm(x * 2.0**100), spatio_semantic_rsm(x))
+    assert torch.equal(
+        semantic_rsm(x * 2.0**40, kernel="inner"), semantic_rsm(x, kernel="inner") * 2.0**80
+    )
+
+
+def test_large_but_representable_inner_products_are_right():
+    x = relu_maps(n=4, c=3, h=2, w=2).double()
+    torch.testing.assert_close(
+        semantic_rsm(x * 1e150, kernel="inner"), semantic_rsm(x, kernel="inner") * 1e300
+    )
+    cross = semantic_rsm(x * 1e30, x[:2] * 1e-30, kernel="inner")  # x alone would overflow float32
+    torch.testing.assert_close(cross, semantic_rsm(x, x[:2], kernel="inner"))
+
+
+@pytest.mark.parametrize(
+    ("function", "x", "kwargs"),
+    [
+        (semantic_rsm, relu_maps().mul(1e19), {}),
+        (spatio_semantic_rsm, relu_maps().mul(1e19), {}),
+        (semantic_rsm, relu_maps().double().mul(1e200), {}),
+        (semantic_rsm, relu_maps().double().mul(1e200), {"y": relu_maps(n=2).double().mul(1e200)}),
+    ],
+)
+def test_inner_products_beyond_the_dtype_raise_naming_x(function, x, kwargs):
+    with pytest.raises(ValueError, match=r"inner products of `x`.* to fit in torch.float"):
+        function(x, kernel="inner", **kwargs)
