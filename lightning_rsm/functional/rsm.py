@@ -187,11 +187,12 @@ def semantic_rsm(
         x: float tensor of shape ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` (CPU or CUDA).
         y: optional second set of the same shape after dim 0, ``(M, ...)``; default ``x``.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
-        matcher: ``"exact"`` (optimal, scipy, CPU threads), ``"windowed"`` (sort concept
-            vectors by norm, solve consecutive windows of ``window`` exactly), ``"greedy"``
-            or ``"auction"`` (batched epsilon-scaling auction in torch, on the inputs' device,
-            certified within ``tol``). The approximations return a feasible permutation, so
-            their aligned inner product is a **lower bound** on the exact one.
+        matcher: ``"exact"`` (optimal: Jonker-Volgenant compiled with numba, else scipy; CPU
+            threads), ``"windowed"`` (sort concept vectors by norm, solve consecutive windows
+            of ``window`` exactly), ``"greedy"`` or ``"auction"`` (batched epsilon-scaling
+            auction in torch, on the inputs' device, certified within ``tol``). The
+            approximations return a feasible permutation, so their aligned inner product is a
+            **lower bound** on the exact one.
         sigma: RBF bandwidth; default the median heuristic (see :func:`_apply_kernel`).
         window: window size of the ``"windowed"`` matcher.
         tol: the ``"auction"`` matcher stops once each pair's aligned inner product is

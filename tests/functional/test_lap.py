@@ -104,7 +104,9 @@ def test_warm_start_saves_work_on_small_drift():
     first = linear_assignment_batch(before)
     warm = linear_assignment_batch(after, assignment=first.assignment, duals=first.duals)
     cold = linear_assignment_batch(after)
-    assert warm.rows[:, 1].sum() < cold.rows[:, 1].sum() / 4
+    # few rows re-assigned, and no more shortest paths than the cold solve needed
+    assert warm.rows[:, 0].sum() < cold.rows[:, 0].sum() / 4
+    assert warm.rows[:, 1].sum() <= cold.rows[:, 1].sum()
     np.testing.assert_allclose(warm.value, cold.value, rtol=1e-12)
 
 
@@ -243,7 +245,10 @@ def test_cap_solves_pairs_beyond_it_cold():
         assert cache.stats["warm_pairs"] == (0 if step == 0 else 10)
         assert cache.stats["pairs"] == 28
     assert cache.nbytes <= cache.max_bytes
-    assert AssignmentCache(max_bytes=0)._bind(8, 8, 16, True) is None
+    empty = AssignmentCache(max_bytes=0)  # keeps nothing: every call solves cold
+    for x in xs:
+        torch.testing.assert_close(semantic_rsm(x, warm_start=empty), semantic_rsm(x))
+        assert (empty.nbytes, empty.stats["warm_pairs"], empty.stats["pairs"]) == (0, 0, 28)
 
 
 def test_bytes_per_pair():
