@@ -19,7 +19,7 @@ random ReLU features at every evaluation (nothing to reuse), and random features
 evaluation.
 
 Then the cold solvers side by side on the same score matrices, single thread: the numba
-Jonker-Volgenant solver of :mod:`lightning_rsm.functional.lap` vs scipy's
+Jonker-Volgenant solver of :mod:`lightning_rsm.functional.matching.lap` vs scipy's
 ``linear_sum_assignment``, at S = 16, 36, 49, 64, random ReLU features and the trained CNN's.
 """
 
@@ -77,13 +77,13 @@ def _evaluate(feats: dict, caches: dict, threads: int) -> dict:
         scipy=0.0, cold=0.0, warm=0.0, diff=0.0, rows=0, reassigned=0, paths=0, pairs=0, again=0
     )
     for name, x in feats.items():
-        have_numba, lap._HAVE_NUMBA = lap._HAVE_NUMBA, False  # the exact matcher falls back
+        have_numba, lap.HAVE_NUMBA = lap.HAVE_NUMBA, False  # the exact matcher falls back
         try:
             start = time.perf_counter()
             scipy = semantic_rsm(x, max_positions=MAX_POSITIONS, num_workers=threads)
             row["scipy"] += time.perf_counter() - start
         finally:
-            lap._HAVE_NUMBA = have_numba
+            lap.HAVE_NUMBA = have_numba
         start = time.perf_counter()
         cold = semantic_rsm(x, max_positions=MAX_POSITIONS, num_workers=threads)
         row["cold"] += time.perf_counter() - start

@@ -6,7 +6,7 @@ one number per pair, the optimal assignment value
     v_ij = max over permutations P of sum_s <X_i[s], Y_j[P(s)]>,
 
 because aligning Y_j by P keeps its norm: every kernel follows from v_ij and the two norms
-(:mod:`~lightning_rsm.functional.kernels`), and no permuted copy of any tensor is ever built.
+(:mod:`~lightning_rsm.functional.similarity`), and no permuted copy of any tensor is ever built.
 The spatio-semantic baseline is the same with the identity permutation, ``trace(X_i @ Y_j.T)``.
 
 Pairs are solved in blocks on a thread pool (:mod:`~lightning_rsm.functional.pairs`), only
@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_rsm.functional.kernels import _apply_kernel, _median_sigma, _squared_norms
+from lightning_rsm.functional.matching import AssignmentCache
 from lightning_rsm.functional.options import (
     check_positive_int,
     check_rsm_options,
 )
 from lightning_rsm.functional.pairs import _assignment_bounds
 from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
-from lightning_rsm.functional.warm_start import AssignmentCache
+from lightning_rsm.functional.similarity import _apply_kernel, _median_sigma, _squared_norms
 
 
 def _check_pair(x: Tensor, y: Tensor | None) -> None:
@@ -274,7 +274,7 @@ def semantic_rsm(
     if matcher != "exact":
         warm_start = None
     elif warm_start is not None:
-        warm_start._bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
+        warm_start.bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
     lower, upper = _assignment_bounds(
         xs,
         ys,

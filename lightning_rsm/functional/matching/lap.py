@@ -50,8 +50,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from lightning_rsm.functional.jonker_volgenant import (
-    _HAVE_NUMBA,
+from lightning_rsm.functional.matching.jonker_volgenant import (
+    HAVE_NUMBA,
     NOT_FINITE,
     SOLVE_COLD,
     UNASSIGNED,
@@ -196,7 +196,7 @@ def _scipy_batch(scores: np.ndarray, values: np.ndarray, assign: np.ndarray | No
             assign[b] = cols
 
 
-def _solve_into(
+def solve_into(
     scores: np.ndarray,
     slots: np.ndarray,
     warm: np.ndarray,
@@ -225,23 +225,23 @@ def _solve_into(
     return values, rows
 
 
-def _cold_values(scores: np.ndarray, backend: str | None = None) -> np.ndarray:
+def cold_values(scores: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Optimal values of float64 ``scores`` (B, S, S), solved cold (numba, else scipy)."""
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     none = np.full(scores.shape[0], -1, dtype=np.int64)
     assign = np.empty((0, scores.shape[1]), dtype=np.int64)  # the types of the public API:
     duals = np.empty((0, scores.shape[1]), dtype=np.float64)  # no extra compilation
-    return _solve_into(scores, none, np.zeros(len(none), np.bool_), assign, duals, backend)[0]
+    return solve_into(scores, none, np.zeros(len(none), np.bool_), assign, duals, backend)[0]
 
 
 def _resolve_backend(backend: object) -> str:
     if backend is None:
-        return "numba" if _HAVE_NUMBA else "scipy"
+        return "numba" if HAVE_NUMBA else "scipy"
     if backend not in _BACKENDS:
         raise ValueError(
             f"Expected `backend` to be one of {sorted(_BACKENDS)} or None, but got {backend!r}."
         )
-    if backend == "numba" and not _HAVE_NUMBA:
+    if backend == "numba" and not HAVE_NUMBA:
         raise ValueError("Expected numba to be importable with `backend='numba'`, but it is not.")
     return backend
 

@@ -1,10 +1,10 @@
 """The compiled Jonker-Volgenant kernels behind ``lap.linear_assignment_batch``.
 
 Compiled with numba (``cache=True, nogil=True``) when it imports, else plain Python (used only
-through the scipy fallback of :mod:`lightning_rsm.functional.lap`). Each kernel takes one
+through the scipy fallback of :mod:`lightning_rsm.functional.matching.lap`). Each kernel takes one
 ``(S, S)`` matrix ``scores`` and minimises the cost ``c = -scores`` with row duals ``u`` and
-column duals ``v``; the module docstring of :mod:`lightning_rsm.functional.lap` describes the
-cold and the warm solve.
+column duals ``v``; the module docstring of :mod:`lightning_rsm.functional.matching.lap`
+describes the cold and the warm solve.
 
 The algorithm is R. Jonker and A. Volgenant, "A shortest augmenting path algorithm for dense and
 sparse linear assignment problems", Computing 38, 325-340 (1987),
@@ -44,10 +44,10 @@ import numpy as np
 try:
     import numba
 
-    _HAVE_NUMBA = True
+    HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised by forcing `backend="scipy"` in the tests
     numba = None
-    _HAVE_NUMBA = False
+    HAVE_NUMBA = False
 
 # Sentinels. A row or column without a partner in x / y:
 UNASSIGNED = -1
@@ -82,7 +82,7 @@ def _njit(function):
     ``nogil`` lets the solver threads of :func:`~lightning_rsm.functional.semantic_rsm` run
     in parallel.
     """
-    if not _HAVE_NUMBA:
+    if not HAVE_NUMBA:
         return function
     try:
         return numba.njit(cache=True, nogil=True)(function)
