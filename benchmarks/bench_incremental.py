@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_rsm.demo import DEMO_LAYERS, DigitsCNN, shifted_digits, split_probe  # noqa: E402
 from lightning_rsm.functional import (  # noqa: E402
     AssignmentCache,
-    lap,
     linear_assignment_batch,
     semantic_rsm,
     to_concepts,
 )
+from lightning_rsm.functional.matching import lap  # noqa: E402
 
 MAX_POSITIONS = 64  # the demo's cap: block1 (16 x 16) is pooled to 8 x 8
 
