@@ -25,22 +25,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_rsm.functional.checks import check_representations
 from lightning_rsm.functional.matching import AssignmentCache
 from lightning_rsm.functional.options import (
     check_positive_int,
     check_rsm_options,
 )
 from lightning_rsm.functional.pairs import _assignment_bounds
-from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
+from lightning_rsm.functional.representations import _reshape_concepts
 from lightning_rsm.functional.similarity import _apply_kernel, _median_sigma, _squared_norms
 
 
 def _check_pair(x: Tensor, y: Tensor | None) -> None:
     """Validate both inputs; with ``y=None`` an RSM needs at least two samples."""
-    _check_representations(x, "x", min_samples=2 if y is None else 1)
+    check_representations(x, "x", min_samples=2 if y is None else 1)
     if y is None:
         return
-    _check_representations(y, "y")
+    check_representations(y, "y")
     if x.ndim != y.ndim or x.shape[1:] != y.shape[1:]:
         raise ValueError(
             "Expected `x` and `y` to have the same shape after the sample dimension, "
