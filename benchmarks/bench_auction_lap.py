@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lightning_rsm.functional.auction import auction_assignment
+from lightning_rsm.functional.matching.auction import auction_assignment
 
 
 def _scores(batch: int, size: int, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

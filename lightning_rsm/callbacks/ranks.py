@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from lightning_rsm.functional.pairs import first_failure
+from lightning_rsm.functional.distributed import first_failure
 
 T = TypeVar("T")
 

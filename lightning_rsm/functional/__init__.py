@@ -1,11 +1,13 @@
 """Pure tensor -> tensor functions: representations, matching, RSMs and their quality."""
 
 from lightning_rsm.functional.agreement import jensen_shannon_similarity, probability_agreement
-from lightning_rsm.functional.auction import auction_assignment
 from lightning_rsm.functional.comparison import compare_rsms, rsa_matrix
-from lightning_rsm.functional.lap import LapResult, linear_assignment_batch
 from lightning_rsm.functional.matching import (
+    AssignmentCache,
+    LapResult,
     assignment_upper_bound,
+    auction_assignment,
+    linear_assignment_batch,
     match_exact,
     match_greedy,
     match_windowed,
@@ -20,7 +22,6 @@ from lightning_rsm.functional.retrieval import (
 )
 from lightning_rsm.functional.rsm import semantic_rsm, spatio_semantic_rsm
 from lightning_rsm.functional.scores import rsm_scores
-from lightning_rsm.functional.warm_start import AssignmentCache
 
 __all__ = [
     "AssignmentCache",

@@ -15,9 +15,9 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional._checks import _check_rsm
+from lightning_rsm.functional.checks import check_finite, check_rsm
 from lightning_rsm.functional.comparison import _CORRELATIONS, _upper_triangle
-from lightning_rsm.functional.options import CORRELATIONS, check_choice, check_finite
+from lightning_rsm.functional.options import CORRELATIONS, check_choice
 
 # Pairwise JSD works on blocks of about this many (pair, class) entries: it bounds memory.
 _BLOCK_ELEMENTS = 1 << 23
@@ -165,7 +165,7 @@ def probability_agreement(
         tensor(1.)
     """
     check_choice(correlation, CORRELATIONS, "correlation")
-    _check_rsm(rsm)
+    check_rsm(rsm)
     _check_distributions(logits, from_logits, "logits", rsm.shape[0])
     similarity = _jensen_shannon_similarity(_probabilities(logits.to(rsm.device), from_logits))
     score = _probability_agreement_compute(rsm, similarity, correlation)

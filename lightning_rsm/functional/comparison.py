@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional._checks import _check_rsm
+from lightning_rsm.functional.checks import check_rsm
 from lightning_rsm.functional.options import COMPARISON_METHODS, check_choice
 
 
@@ -188,8 +188,8 @@ def compare_rsms(a: Tensor, b: Tensor, *, method: str = "spearman") -> Tensor:
         tensor(-1.)
     """
     check_choice(method, COMPARISON_METHODS, "method")
-    _check_rsm(a, "a")
-    _check_rsm(b, "b")
+    check_rsm(a, "a")
+    check_rsm(b, "b")
     if a.shape != b.shape:
         raise ValueError(
             f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and "

@@ -110,27 +110,6 @@ def check_rsm_options(
     check_positive_int(max_positions, "max_positions", optional=True)
 
 
-def check_finite(x: Tensor, name: str) -> None:
-    """Raise ``ValueError`` if a floating tensor holds NaN or Inf, naming how many and where.
-
-    Example:
-        >>> check_finite(torch.tensor([1.0, float("nan")]), "x")
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `x` to be finite, but got 1 NaN/Inf values; the first at index (1,).
-    """
-    if not x.is_floating_point():
-        return
-    bad = ~x.isfinite()
-    n_bad = int(bad.sum())
-    if n_bad:
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"Expected `{name}` to be finite, but got {n_bad} NaN/Inf values; "
-            f"the first at index {first}."
-        )
-
-
 def check_labels(labels: object, n: int, context: str = "the RSM of {n} samples") -> None:
     """Raise unless ``labels`` are N class ids ``(N,)`` (integer or bool) or multi-hot ``(N, L)``.
 

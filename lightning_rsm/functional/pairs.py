@@ -18,9 +18,15 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_rsm.functional.auction import auction_assignment
+from lightning_rsm.functional.distributed import (
+    raise_if_any_rank_failed,
+    sum_across_ranks,
+    world_of,
+)
 from lightning_rsm.functional.matching import (
+    AssignmentCache,
     MatchResult,
+    auction_assignment,
     match_exact,
     match_greedy,
     match_windowed,
@@ -28,7 +34,6 @@ from lightning_rsm.functional.matching import (
 from lightning_rsm.functional.options import (
     TORCH_MATCHERS,
 )
-from lightning_rsm.functional.warm_start import AssignmentCache
 
 
 def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> MatchResult:
@@ -44,7 +49,7 @@ def _match_exact(scores: Tensor, options: dict) -> MatchResult:
     if cache is None:
         return match_exact(scores)
     # float32 scores go to the solver as they are (it computes in float64): no float64 copy
-    values = torch.from_numpy(cache._solve(scores.cpu().numpy(), options["block"]))
+    values = torch.from_numpy(cache.solve(scores.cpu().numpy(), options["block"]))
     values = values.to(scores.device)
     return values, values.clone()
 
@@ -159,57 +164,6 @@ def _solve_block(
     return block, value, upper
 
 
-def _world(distributed: bool | dist.ProcessGroup) -> tuple[int, int]:
-    """(rank, world size) to split the blocks over; (0, 1) when not splitting."""
-    if not distributed:
-        return 0, 1
-    if isinstance(distributed, dist.ProcessGroup):
-        return dist.get_rank(distributed), dist.get_world_size(distributed)
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "Expected an initialised torch.distributed process group with "
-            "`distributed=True`, but none is initialised."
-        )
-    return dist.get_rank(), dist.get_world_size()
-
-
-def first_failure(
-    message: str | None, group: dist.ProcessGroup | None = None
-) -> tuple[int, str] | None:
-    """Collective: each rank of ``group`` passes its failure as text (None if it worked); every
-    rank gets the same answer, the first failing rank and its text, or None.
-
-    Example:
-        >>> import tempfile, torch.distributed as dist
-        >>> folder = tempfile.TemporaryDirectory()
-        >>> dist.init_process_group("gloo", init_method=f"file://{folder.name}/pg", rank=0,
-        ...                         world_size=1)
-        >>> first_failure(None), first_failure("MemoryError: out of memory")
-        (None, (0, 'MemoryError: out of memory'))
-        >>> dist.destroy_process_group()
-        >>> folder.cleanup()
-    """
-    messages: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(messages, message, group=group)
-    return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
-
-
-def _raise_if_any_rank_failed(
-    error: BaseException | None, group: dist.ProcessGroup | None = None
-) -> None:
-    """Collective: every rank learns whether any rank failed, and all of them raise if so.
-
-    Without it, a rank that fails while solving its blocks would leave the others waiting in
-    the all-reduce that gathers the result.
-    """
-    failure = first_failure(None if error is None else f"{type(error).__name__}: {error}", group)
-    if error is not None:
-        raise error
-    if failure is not None:
-        rank, text = failure
-        raise RuntimeError(f"semantic_rsm failed on rank {rank} ({text}); every rank stops.")
-
-
 @contextmanager
 def _intra_op_threads(count: int) -> Iterator[None]:
     """Temporarily set torch's intra-op threads of the calling thread."""
@@ -307,7 +261,7 @@ def _assignment_bounds(
     norms_y = norms_x if symmetric else ys.norm(dim=2)
     block_pairs = block_size or _default_block_pairs(size, matcher, xs.device)
     blocks = _segments(n, m, symmetric, block_pairs)
-    rank, world = _world(distributed)
+    rank, world = world_of(distributed)
     blocks = blocks[rank::world]
     if num_workers is None:
         on_device = xs.is_cuda and matcher in TORCH_MATCHERS
@@ -335,23 +289,10 @@ def _assignment_bounds(
         error = caught
     if world > 1:
         group = None if isinstance(distributed, bool) else distributed
-        _raise_if_any_rank_failed(error, group)
-        _sum_across_ranks(lower, upper, group=group)
+        raise_if_any_rank_failed(error, group)
+        sum_across_ranks(lower, upper, group=group)
     if symmetric:
         diagonal = torch.diag(sq_x)
         lower = lower + lower.T + diagonal
         upper = upper + upper.T + diagonal
     return lower, upper
-
-
-def _sum_across_ranks(*tensors: Tensor, group: dist.ProcessGroup | None = None) -> None:
-    """All-reduce in place; every entry was filled by exactly one rank, the rest hold zeros."""
-    nccl = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-    for tensor in tensors:
-        if device is None or tensor.device == device:
-            dist.all_reduce(tensor, group=group)
-        else:
-            moved = tensor.to(device)
-            dist.all_reduce(moved, group=group)
-            tensor.copy_(moved)

@@ -28,22 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_rsm.functional.checks import check_representations
 from lightning_rsm.functional.options import check_choice, check_positive_int
-
-_SHAPES = "(N, C, H, W), (N, T, D) or (N, D)"
-# Dtypes of representations: floats with NaN/Inf checks and the integers (converted to float32);
-# not float8, whose tensors support neither the checks nor the products.
-_REAL_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-)
 
 #: Which tokens of an ``(N, T, D)`` layer become concept vectors.
 TOKEN_SELECTIONS = ("all", "patches", "special")
@@ -85,44 +71,6 @@ def check_token_options(special_tokens: object, tokens: object, token_grid: obje
             "Expected `token_grid` to be 'auto', None or a tuple (h, w) of positive ints, "
             f"but got {token_grid!r}."
         )
-
-
-def _check_representations(x: object, name: str = "x", *, min_samples: int = 1) -> None:
-    """Raise if ``x`` is not a finite floating tensor of a supported shape.
-
-    Checks run in order of cost: type, number of dimensions, sample count, dtype, finiteness.
-    """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(x).__name__}.")
-    if x.ndim not in (2, 3, 4):
-        raise ValueError(
-            f"Expected `{name}` to be representations of shape {_SHAPES}, "
-            f"but got shape {tuple(x.shape)}."
-        )
-    if x.shape[0] < min_samples:
-        raise ValueError(
-            f"Expected `{name}` to hold at least {min_samples} samples along dim 0, "
-            f"but got shape {tuple(x.shape)}."
-        )
-    if x.dtype not in _REAL_DTYPES:
-        raise TypeError(
-            f"Expected `{name}` to have a real dtype ({', '.join(map(str, _REAL_DTYPES))}), "
-            f"but got {x.dtype}."
-        )
-    if any(d == 0 for d in x.shape[1:]):
-        raise ValueError(
-            f"Expected `{name}` to have no empty dimension, but got shape {tuple(x.shape)}."
-        )
-    if x.is_floating_point():
-        bad = ~torch.isfinite(x)
-        n_bad = int(bad.sum())
-        if n_bad:
-            first = tuple(int(i) for i in bad.nonzero()[0])
-            n_samples = int(bad.flatten(1).any(1).sum())
-            raise ValueError(
-                f"Expected `{name}` to be finite, but got {n_bad} NaN/Inf values in {n_samples} "
-                f"sample(s); the first at index {first}."
-            )
 
 
 def _pooled_grid(height: int, width: int, max_positions: int) -> tuple[int, int]:
@@ -186,7 +134,7 @@ def to_concepts(
     """
     check_positive_int(max_positions, "max_positions", optional=True)
     check_token_options(special_tokens, tokens, token_grid)
-    _check_representations(x, name)
+    check_representations(x, name)
     return _reshape_concepts(x, max_positions, special_tokens, tokens, token_grid, name)
 
 

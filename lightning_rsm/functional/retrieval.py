@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional._checks import _check_rsm
+from lightning_rsm.functional.checks import check_rsm
 from lightning_rsm.functional.options import (
     EMPTY_TARGET_ACTIONS,
     check_choice,
@@ -57,7 +57,7 @@ def _check_retrieval_args(
 ) -> None:
     """Check every argument of a retrieval score before any sorting."""
     check_choice(empty_target_action, EMPTY_TARGET_ACTIONS, "empty_target_action")
-    _check_rsm(rsm)
+    check_rsm(rsm)
     n = rsm.shape[0]
     check_labels(labels, n)
     for name, k in ks:

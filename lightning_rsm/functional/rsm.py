@@ -6,7 +6,7 @@ one number per pair, the optimal assignment value
     v_ij = max over permutations P of sum_s <X_i[s], Y_j[P(s)]>,
 
 because aligning Y_j by P keeps its norm: every kernel follows from v_ij and the two norms
-(:mod:`~lightning_rsm.functional.kernels`), and no permuted copy of any tensor is ever built.
+(:mod:`~lightning_rsm.functional.similarity`), and no permuted copy of any tensor is ever built.
 The spatio-semantic baseline is the same with the identity permutation, ``trace(X_i @ Y_j.T)``.
 
 Pairs are solved in blocks on a thread pool (:mod:`~lightning_rsm.functional.pairs`), only
@@ -25,22 +25,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_rsm.functional.kernels import _apply_kernel, _median_sigma, _squared_norms
+from lightning_rsm.functional.checks import check_representations
+from lightning_rsm.functional.matching import AssignmentCache
 from lightning_rsm.functional.options import (
     check_positive_int,
     check_rsm_options,
 )
 from lightning_rsm.functional.pairs import _assignment_bounds
-from lightning_rsm.functional.representations import _check_representations, _reshape_concepts
-from lightning_rsm.functional.warm_start import AssignmentCache
+from lightning_rsm.functional.representations import _reshape_concepts
+from lightning_rsm.functional.similarity import _apply_kernel, _median_sigma, _squared_norms
 
 
 def _check_pair(x: Tensor, y: Tensor | None) -> None:
     """Validate both inputs; with ``y=None`` an RSM needs at least two samples."""
-    _check_representations(x, "x", min_samples=2 if y is None else 1)
+    check_representations(x, "x", min_samples=2 if y is None else 1)
     if y is None:
         return
-    _check_representations(y, "y")
+    check_representations(y, "y")
     if x.ndim != y.ndim or x.shape[1:] != y.shape[1:]:
         raise ValueError(
             "Expected `x` and `y` to have the same shape after the sample dimension, "
@@ -187,11 +188,12 @@ def semantic_rsm(
         x: float tensor of shape ``(N, C, H, W)``, ``(N, T, D)`` or ``(N, D)`` (CPU or CUDA).
         y: optional second set of the same shape after dim 0, ``(M, ...)``; default ``x``.
         kernel: ``"cosine"``, ``"inner"`` or ``"rbf"``.
-        matcher: ``"exact"`` (optimal, scipy, CPU threads), ``"windowed"`` (sort concept
-            vectors by norm, solve consecutive windows of ``window`` exactly), ``"greedy"``
-            or ``"auction"`` (batched epsilon-scaling auction in torch, on the inputs' device,
-            certified within ``tol``). The approximations return a feasible permutation, so
-            their aligned inner product is a **lower bound** on the exact one.
+        matcher: ``"exact"`` (optimal: Jonker-Volgenant compiled with numba, else scipy; CPU
+            threads), ``"windowed"`` (sort concept vectors by norm, solve consecutive windows
+            of ``window`` exactly), ``"greedy"`` or ``"auction"`` (batched epsilon-scaling
+            auction in torch, on the inputs' device, certified within ``tol``). The
+            approximations return a feasible permutation, so their aligned inner product is a
+            **lower bound** on the exact one.
         sigma: RBF bandwidth; default the median heuristic (see :func:`_apply_kernel`).
         window: window size of the ``"windowed"`` matcher.
         tol: the ``"auction"`` matcher stops once each pair's aligned inner product is
@@ -273,7 +275,7 @@ def semantic_rsm(
     if matcher != "exact":
         warm_start = None
     elif warm_start is not None:
-        warm_start._bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
+        warm_start.bind(xs.shape[0], ys.shape[0], xs.shape[1], symmetric)
     lower, upper = _assignment_bounds(
         xs,
         ys,

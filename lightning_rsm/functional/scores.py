@@ -25,13 +25,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional._checks import _check_rsm
 from lightning_rsm.functional.agreement import (
     _check_distributions,
     _jensen_shannon_similarity,
     _probabilities,
     _probability_agreement_compute,
 )
+from lightning_rsm.functional.checks import check_rsm
 from lightning_rsm.functional.options import (
     CORRELATIONS,
     EMPTY_TARGET_ACTIONS,
@@ -89,7 +89,7 @@ def rsm_scores(
         >>> {key: round(float(value), 4) for key, value in scores.items()}
         {'map': 0.75, 'precision@1': 0.5, 'recall@1': 0.5, 'probability_agreement': 0.6358}
     """
-    _check_rsm(rsm)
+    check_rsm(rsm)
     n = rsm.shape[0]
     check_choice(correlation, CORRELATIONS, "correlation")
     check_choice(empty_target_action, EMPTY_TARGET_ACTIONS, "empty_target_action")
@@ -109,7 +109,7 @@ def rsm_scores(
             _probabilities(logits.to(rsm.device), from_logits)
         )
     elif output_similarity is not None:
-        _check_rsm(output_similarity, "output_similarity")
+        check_rsm(output_similarity, "output_similarity")
         if output_similarity.shape != rsm.shape:
             raise ValueError(
                 f"Expected `output_similarity` of shape {tuple(rsm.shape)} like `rsm`, but got "

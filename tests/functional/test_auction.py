@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers.lap_oracle import brute_force_values, optimal_values
 
-from lightning_rsm.functional.auction import auction_assignment
+from lightning_rsm.functional.matching.auction import auction_assignment
 
 
 def _optimum(scores: torch.Tensor) -> torch.Tensor:

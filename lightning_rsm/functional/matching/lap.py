@@ -15,16 +15,25 @@ is still tight (its reduced cost is the row minimum) keeps it. A row whose old e
 gap keeps it too when raising that column's dual by the gap leaves every kept row's reduced
 costs non-negative (kept edges stay tight, the duals stay feasible); otherwise the column's dual
 is raised as far as the kept rows allow, which shortens the paths to it. Only the other rows are
-re-assigned: augmenting row reduction, then shortest paths. The result is the exact optimum
-whatever the previous solution was; a good one only makes it cheaper. Duals that are not finite
-or far off the problem's scale (where rounding could hurt) are ignored: that matrix is solved
-cold.
+re-assigned: augmenting row reduction (capped at a few steps per row: on near ties it can cycle),
+then shortest paths. Duals that are not finite or far off the
+problem's scale (where rounding could hurt), or an old solution far from optimal, are ignored:
+that matrix is solved cold.
 
-Exact means as exact as a floating-point solve can be: an old edge whose reduced cost is off by
-rounding only (16 ulps of ``|score| + |dual|``) counts as tight, so a solution carried over
-unchanged is not re-solved; this can move the value by at most ``S`` times that (about
-``2e-13 * (|score| + |dual|)`` at S = 64), the order of the rounding of any cold solve (scipy's
-included). Values are summed row by row in a fixed order.
+Every warm solve ends with a certificate that depends on the current scores alone: with
+``u_i = min_j (c_ij - v_j)`` every assigned edge must be tight within a rounding tolerance of
+``max |score|`` (and the duals' spread within ``4 S max |score|``); a matrix that fails it is
+solved again, cold. So the result is the exact optimum whatever the previous solution was; a
+good one only makes it cheaper.
+
+Exact means as exact as a floating-point solve can be: the duals are first shifted by a constant
+(which changes nothing but rounding) so that their largest is 0, and an old edge whose reduced
+cost is off by rounding only (16 ulps of ``|score|`` plus the duals' spread) counts as tight, so
+a solution carried over unchanged is not re-solved; the certificate bounds the value's distance
+from the optimum by ``S * 32 * eps * (1 + 4 S) * max |score|`` (about ``2e-9`` of
+``max |score|`` at S = 64, far less in practice: warm and cold values agree to about 1e-13), the
+order of the rounding of any cold solve (scipy's included). Values are summed row by row in a
+fixed order.
 
 :class:`AssignmentCache` keeps the solutions of every pair of an RSM between evaluations, so
 ``semantic_rsm(..., warm_start=cache)`` solves each pair from its previous solution.
@@ -41,50 +50,62 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from lightning_rsm.functional.jonker_volgenant import (
-    _HAVE_NUMBA,
+from lightning_rsm.functional.matching.jonker_volgenant import (
+    HAVE_NUMBA,
+    NOT_FINITE,
+    SOLVE_COLD,
+    UNASSIGNED,
     _augmenting_row_reduction,
     _certified,
     _cold_start,
     _njit,
     _shortest_path,
+    _unassign,
     _warm_start,
 )
 
 _BACKENDS = ("numba", "scipy")
+# Passes of augmenting row reduction (JV's choice) before the shortest paths.
+_ARR_PASSES = 2
+# After a warm start a pass of ARR stops lowering duals after this many steps per free row (JV:
+# up to S per free row). On near ties (a ViT's patch tokens late in AdamW training) ARR cycled
+# through rows swapping columns, and a warm solve cost nearly a cold one; capped, the rows left
+# take shortest paths. Measured on solves warm-started from the previous epoch, per pair (the
+# table in benchmarks/README.md): the ViT 1.1-4.2x faster than cold (1.0-2.0x uncapped), the
+# demo CNN's layers and drifting random matrices as fast as uncapped (2.5-3.8x, 2.5-3.2x).
+_WARM_ARR_STEPS = 8
 
 
 # The batch driver, compiled like the kernels it calls.
 @_njit
-def _solve_from(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
-    """Solve one matrix (``cost`` holds the scores; costs are their negatives) into x, y, v,
+def _solve_from(scores, warm, x0, v0, x, y, v, u, free, d, cols, pred):
+    """Solve one ``(S, S)`` matrix of ``scores`` (the costs are their negatives) into x, y, v,
     warm from ``x0, v0`` where ``warm`` and the warm start is usable, else cold.
 
     Returns ``(rows not kept from the warm start (S when solved cold), rows that needed a
-    shortest path, whether it was solved warm)``; the counts are -1 if ``cost`` holds NaN/Inf.
+    shortest path, whether it was solved warm)``; the counts are -1 if ``scores`` hold NaN/Inf.
     """
-    n = cost.shape[0]
-    for j in range(n):
-        x[j] = -1
-        y[j] = -1
-    n_free = _warm_start(cost, x0, v0, x, y, v, u, free) if warm else -2
-    if n_free == -2:
-        for j in range(n):
-            x[j] = -1
-            y[j] = -1
-        n_free = _cold_start(cost, x, y, v, free)
+    n = scores.shape[0]
+    n_free = SOLVE_COLD
+    if warm:
+        _unassign(x, y)
+        n_free = _warm_start(scores, x0, v0, x, y, v, u, free)
+    if n_free == SOLVE_COLD:
+        _unassign(x, y)
+        n_free = _cold_start(scores, x, y, v, free)
         warm = False
-    if n_free < 0:
+    if n_free == NOT_FINITE:
         return -1, -1, warm
     not_kept = n_free if warm else n
-    for _ in range(2):
+    for _ in range(_ARR_PASSES):
         if n_free == 0:
             break
-        n_free = _augmenting_row_reduction(cost, free, n_free, x, y, v)
+        budget = _WARM_ARR_STEPS * n_free if warm else n * n
+        n_free = _augmenting_row_reduction(scores, free, n_free, x, y, v, budget)
     for f in range(n_free):
         start = free[f]
-        j = _shortest_path(cost, start, x, y, v, d, cols, pred)
-        i = -1
+        j = _shortest_path(scores, start, x, y, v, d, cols, pred)
+        i = UNASSIGNED
         while i != start:
             i = pred[j]
             y[j] = i
@@ -95,18 +116,20 @@ def _solve_from(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred):
 
 
 @_njit
-def _solve_one(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred, stats):
+def _solve_one(scores, warm, x0, v0, x, y, v, u, free, d, cols, pred, stats):
     """:func:`_solve_from`, then, for a warm solve, the optimality certificate of the result on
     the current scores alone (:func:`_certified`); a matrix that fails it is solved cold.
 
     Writes to ``stats``: rows not kept, rows that needed a shortest path, and 1 where a warm
     start was tried but the matrix was solved cold (start unusable or certificate failed).
-    Returns False if ``cost`` holds NaN/Inf.
+    Returns False if ``scores`` hold NaN/Inf.
     """
-    not_kept, paths, solved_warm = _solve_from(cost, warm, x0, v0, x, y, v, u, free, d, cols, pred)
-    if solved_warm and not_kept >= 0 and not _certified(cost, x, y, v):
+    not_kept, paths, solved_warm = _solve_from(
+        scores, warm, x0, v0, x, y, v, u, free, d, cols, pred
+    )
+    if solved_warm and not_kept >= 0 and not _certified(scores, x, y, v):
         not_kept, paths, solved_warm = _solve_from(
-            cost, False, x0, v0, x, y, v, u, free, d, cols, pred
+            scores, False, x0, v0, x, y, v, u, free, d, cols, pred
         )
     fell_back = warm and not solved_warm
     stats[0] = not_kept
@@ -135,28 +158,28 @@ def _solve_batch(scores, slots, warm, assign, duals, values, stats):
     cols = np.empty(n, dtype=np.int64)
     pred = np.empty(n, dtype=np.int64)
     for b in range(scores.shape[0]):
-        cost = scores[b]
+        matrix = scores[b]
         slot = slots[b]
         use = warm[b] and slot >= 0
         if n == 1:  # also keeps ARR (which needs a second column) away from S = 1
-            values[b] = cost[0, 0] if np.isfinite(cost[0, 0]) else np.nan
+            values[b] = matrix[0, 0] if np.isfinite(matrix[0, 0]) else np.nan
             stats[b, 0] = 0 if use else 1
             stats[b, 1] = 0
             stats[b, 2] = 0
             if slot >= 0:
                 assign[slot, 0] = 0
-                duals[slot, 0] = -cost[0, 0]
+                duals[slot, 0] = -matrix[0, 0]
             continue
         if use:
             for j in range(n):
                 x0[j] = assign[slot, j]
                 v0[j] = duals[slot, j]
-        if not _solve_one(cost, use, x0, v0, x, y, v, u, free, d, cols, pred, stats[b]):
+        if not _solve_one(matrix, use, x0, v0, x, y, v, u, free, d, cols, pred, stats[b]):
             values[b] = np.nan
             continue
         total = 0.0
         for i in range(n):
-            total += cost[i, x[i]]
+            total += matrix[i, x[i]]
         values[b] = total
         if slot >= 0:
             for j in range(n):
@@ -173,7 +196,7 @@ def _scipy_batch(scores: np.ndarray, values: np.ndarray, assign: np.ndarray | No
             assign[b] = cols
 
 
-def _solve_into(
+def solve_into(
     scores: np.ndarray,
     slots: np.ndarray,
     warm: np.ndarray,
@@ -202,23 +225,23 @@ def _solve_into(
     return values, rows
 
 
-def _cold_values(scores: np.ndarray, backend: str | None = None) -> np.ndarray:
+def cold_values(scores: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Optimal values of float64 ``scores`` (B, S, S), solved cold (numba, else scipy)."""
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     none = np.full(scores.shape[0], -1, dtype=np.int64)
     assign = np.empty((0, scores.shape[1]), dtype=np.int64)  # the types of the public API:
     duals = np.empty((0, scores.shape[1]), dtype=np.float64)  # no extra compilation
-    return _solve_into(scores, none, np.zeros(len(none), np.bool_), assign, duals, backend)[0]
+    return solve_into(scores, none, np.zeros(len(none), np.bool_), assign, duals, backend)[0]
 
 
 def _resolve_backend(backend: object) -> str:
     if backend is None:
-        return "numba" if _HAVE_NUMBA else "scipy"
+        return "numba" if HAVE_NUMBA else "scipy"
     if backend not in _BACKENDS:
         raise ValueError(
             f"Expected `backend` to be one of {sorted(_BACKENDS)} or None, but got {backend!r}."
         )
-    if backend == "numba" and not _HAVE_NUMBA:
+    if backend == "numba" and not HAVE_NUMBA:
         raise ValueError("Expected numba to be importable with `backend='numba'`, but it is not.")
     return backend
 

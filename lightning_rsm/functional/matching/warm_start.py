@@ -2,8 +2,8 @@
 
 :class:`AssignmentCache` keeps, for each pair ``(i, j)`` of an RSM, the last optimal assignment
 and column duals, and :func:`~lightning_rsm.functional.semantic_rsm` starts the next solve of
-that pair from them (see :mod:`lightning_rsm.functional.lap`). The result is the exact optimum
-whatever the cache holds; the cache only makes it cheaper while the features drift slowly.
+that pair from them (see :mod:`lightning_rsm.functional.matching.lap`). The result is the exact
+optimum whatever the cache holds; the cache only makes it cheaper while the features drift slowly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_rsm.functional import lap
+from lightning_rsm.functional.matching import lap
 
 _DUAL_DTYPE = np.float64
 
@@ -118,8 +118,13 @@ class AssignmentCache:
             rows_shortest_path=0,
         )
 
-    def _bind(self, n: int, m: int, size: int, symmetric: bool) -> None:
-        """Prepare for a call on N x M pairs at S = ``size``; empties the cache if that changed."""
+    def bind(self, n: int, m: int, size: int, symmetric: bool) -> None:
+        """Prepare for one RSM of N x M pairs at S = ``size`` (``symmetric``: pairs ``i < j`` of
+        one set); empties the cache if that changed, and resets :attr:`stats`.
+
+        :func:`~lightning_rsm.functional.semantic_rsm` calls it once per call, then
+        :meth:`solve` per block of pairs.
+        """
         key = (n, m, size, symmetric)
         if key != self._key:
             pairs = n * (n - 1) // 2 if symmetric else n * m
@@ -140,15 +145,34 @@ class AssignmentCache:
             parts.append(np.arange(first + j0, first + j1, dtype=np.int64))
         return np.concatenate(parts)
 
-    def _solve(self, scores: np.ndarray, block: Sequence[tuple[int, int, int]]) -> np.ndarray:
-        """Optimal values of ``scores`` (float64 ``(B, S, S)``), warm where a solution is kept."""
+    def solve(self, scores: np.ndarray, block: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """Optimal values of one block of pairs, warm where a solution is kept; keeps the new ones.
+
+        Args:
+            scores: C-contiguous float32 or float64 array ``(B, S, S)``, the score matrices of
+                the pairs of ``block`` in order.
+            block: row segments ``(i, j0, j1)``: the pairs ``(i, j)`` for ``j0 <= j < j1``.
+
+        Returns:
+            float64 array ``(B,)``.
+
+        Example:
+            >>> cache = AssignmentCache()
+            >>> cache.bind(2, 2, 2, symmetric=True)   # one pair: (0, 1)
+            >>> cache.solve(np.array([[[3.0, 1.0], [2.0, 0.0]]]), [(0, 1, 2)])
+            array([3.])
+            >>> cache.solve(np.array([[[3.0, 1.5], [2.0, 0.0]]]), [(0, 1, 2)])
+            array([3.5])
+            >>> cache.stats["warm_pairs"]
+            1
+        """
         slots = self._pair_ids(block)
         slots[slots >= len(self._valid)] = -1
         kept = slots >= 0
         warm = np.zeros(len(slots), dtype=np.bool_)
-        if lap._HAVE_NUMBA:  # scipy keeps no duals: solves cold, nothing to start from
+        if lap.HAVE_NUMBA:  # scipy keeps no duals: solves cold, nothing to start from
             warm[kept] = self._valid[slots[kept]]
-        values, rows = lap._solve_into(scores, slots, warm, self._assign, self._duals)
+        values, rows = lap.solve_into(scores, slots, warm, self._assign, self._duals)
         self._valid[slots[kept]] = True
         with self._lock:
             stats = self.stats

@@ -1,9 +1,40 @@
 """The compiled Jonker-Volgenant kernels behind ``lap.linear_assignment_batch``.
 
 Compiled with numba (``cache=True, nogil=True``) when it imports, else plain Python (used only
-through the scipy fallback of :mod:`lightning_rsm.functional.lap`). They minimise the cost
-``c = -scores`` with row duals ``u`` and column duals ``v``; the module docstring of
-:mod:`lightning_rsm.functional.lap` describes the cold and the warm solve.
+through the scipy fallback of :mod:`lightning_rsm.functional.matching.lap`). Each kernel takes one
+``(S, S)`` matrix ``scores`` and minimises the cost ``c = -scores`` with row duals ``u`` and
+column duals ``v``; the module docstring of :mod:`lightning_rsm.functional.matching.lap`
+describes the cold and the warm solve.
+
+The algorithm is R. Jonker and A. Volgenant, "A shortest augmenting path algorithm for dense and
+sparse linear assignment problems", Computing 38, 325-340 (1987),
+https://doi.org/10.1007/BF02278710. The column reduction with reduction transfer
+(:func:`_cold_start`), the augmenting row reduction (:func:`_augmenting_row_reduction`) and the
+shortest path search (:func:`_shortest_path`) follow the structure of ``lapjv.cpp`` of
+gatagat/lap (https://github.com/gatagat/lap), translated to numba, whose notice follows. The
+warm start and the certificate are our own.
+
+    Copyright (c) 2012-2017, Tomas Kazmar
+    All rights reserved.
+
+    Redistribution and use in source and binary forms, with or without modification, are
+    permitted provided that the following conditions are met:
+
+    Redistributions of source code must retain the above copyright notice, this list of
+    conditions and the following disclaimer.
+    Redistributions in binary form must reproduce the above copyright notice, this list of
+    conditions and the following disclaimer in the documentation and/or other materials
+    provided with the distribution.
+
+    THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND ANY EXPRESS
+    OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF
+    MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE
+    COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL,
+    EXEMPLARY, OR CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF
+    SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION)
+    HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR
+    TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS
+    SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 """
 
 from __future__ import annotations
@@ -13,10 +44,17 @@ import numpy as np
 try:
     import numba
 
-    _HAVE_NUMBA = True
+    HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised by forcing `backend="scipy"` in the tests
     numba = None
-    _HAVE_NUMBA = False
+    HAVE_NUMBA = False
+
+# Sentinels. A row or column without a partner in x / y:
+UNASSIGNED = -1
+# Returned instead of a count of free rows: the scores hold NaN/Inf ...
+NOT_FINITE = -1
+# ... or the warm start is unusable (duals not finite or far off, old solution far off).
+SOLVE_COLD = -2
 
 # Warm duals whose spread exceeds this multiple of S * |score| (the largest on the old edges)
 # are ignored: JV's duals stay within about S times the score range, far larger ones would drown
@@ -44,7 +82,7 @@ def _njit(function):
     ``nogil`` lets the solver threads of :func:`~lightning_rsm.functional.semantic_rsm` run
     in parallel.
     """
-    if not _HAVE_NUMBA:
+    if not HAVE_NUMBA:
         return function
     try:
         return numba.njit(cache=True, nogil=True)(function)
@@ -53,13 +91,23 @@ def _njit(function):
 
 
 @_njit
-def _augmenting_row_reduction(cost, free, n_free, x, y, v):
+def _unassign(x, y):
+    """Mark every row and column :data:`UNASSIGNED`."""
+    for j in range(x.shape[0]):
+        x[j] = UNASSIGNED
+        y[j] = UNASSIGNED
+
+
+@_njit
+def _augmenting_row_reduction(scores, free, n_free, x, y, v, budget):
     """One pass of JV's augmenting row reduction over ``free[:n_free]``; returns rows left free.
 
     Keeps the invariant that every assigned row's reduced cost is its row minimum (``v`` only
-    decreases, and the owner of a column whose dual changes is evicted).
+    decreases, and the owner of a column whose dual changes is evicted). After ``budget`` steps
+    (JV: ``S * n_free``, never binding) every row still to do is placed once without lowering a
+    dual, and the evicted rows are left for the shortest paths.
     """
-    n = cost.shape[0]
+    n = scores.shape[0]
     current = 0
     new_free = 0
     count = 0
@@ -68,11 +116,11 @@ def _augmenting_row_reduction(cost, free, n_free, x, y, v):
         i = free[current]
         current += 1
         j1 = 0
-        best = -cost[i, 0] - v[0]
-        j2 = -1
+        best = -scores[i, 0] - v[0]
+        j2 = UNASSIGNED
         second = np.inf
         for j in range(1, n):
-            c = -cost[i, j] - v[j]
+            c = -scores[i, j] - v[j]
             if c < second:
                 if c >= best:
                     second = c
@@ -85,7 +133,7 @@ def _augmenting_row_reduction(cost, free, n_free, x, y, v):
         i0 = y[j1]
         lowered = v[j1] - (second - best)
         lowers = lowered < v[j1]
-        if count < current * n:
+        if count < current * n and count < budget:
             if lowers:
                 v[j1] = lowered
             elif i0 >= 0 and j2 >= 0:
@@ -102,24 +150,24 @@ def _augmenting_row_reduction(cost, free, n_free, x, y, v):
             free[new_free] = i0
             new_free += 1
         if i0 >= 0:
-            x[i0] = -1
+            x[i0] = UNASSIGNED
         x[i] = j1
         y[j1] = i
     return new_free
 
 
 @_njit
-def _shortest_path(cost, start, x, y, v, d, cols, pred):
+def _shortest_path(scores, start, x, y, v, d, cols, pred):
     """Dijkstra from free row ``start`` on the reduced costs; updates ``v``, returns end column."""
-    n = cost.shape[0]
+    n = scores.shape[0]
     for j in range(n):
         cols[j] = j
         pred[j] = start
-        d[j] = -cost[start, j] - v[j]
+        d[j] = -scores[start, j] - v[j]
     lo = 0
     hi = 0
     ready = 0
-    end = -1
+    end = UNASSIGNED
     while end < 0:
         if lo == hi:
             # move every column at the smallest distance to cols[lo:hi]
@@ -147,10 +195,10 @@ def _shortest_path(cost, start, x, y, v, d, cols, pred):
             lo += 1
             i = y[j]
             mind = d[j]
-            h = -cost[i, j] - v[j] - mind
+            h = -scores[i, j] - v[j] - mind
             for k in range(hi, n):
                 j = cols[k]
-                reduced = -cost[i, j] - v[j] - h
+                reduced = -scores[i, j] - v[j] - h
                 if reduced < d[j]:
                     d[j] = reduced
                     pred[j] = i
@@ -169,13 +217,14 @@ def _shortest_path(cost, start, x, y, v, d, cols, pred):
 
 
 @_njit
-def _warm_start(cost, x0, v0, x, y, v, u, free):
+def _warm_start(scores, x0, v0, x, y, v, u, free):
     """Keep the rows of assignment ``x0`` that are tight under duals ``v0``; returns free rows.
 
-    Returns -1 if ``cost`` holds NaN/Inf, -2 if ``v0`` is unusable or nearly no old edge is
-    still tight (then x, y, v are garbage).
+    ``x`` and ``y`` must be all :data:`UNASSIGNED`. Returns :data:`NOT_FINITE` if ``scores``
+    hold NaN/Inf, :data:`SOLVE_COLD` if ``v0`` is unusable or nearly no old edge is still tight
+    (then x, y, v are garbage).
     """
-    n = cost.shape[0]
+    n = scores.shape[0]
     vlo = np.inf
     vhi = -np.inf
     check = 0.0
@@ -184,7 +233,7 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
         vlo = min(vlo, v0[j])
         vhi = max(vhi, v0[j])
     if check != 0.0:
-        return -2
+        return SOLVE_COLD
     # only differences of duals matter (u absorbs a common shift): shifted to a largest dual of
     # 0, their size is their spread, and a large common component of old duals adds no rounding
     for j in range(n):
@@ -194,22 +243,22 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
     for i in range(n):
         row_min = np.inf
         for j in range(n):
-            c = cost[i, j]
+            c = scores[i, j]
             check += c - c  # NaN once any entry is NaN or infinite
             t = -c - v[j]
             if t < row_min:
                 row_min = t
         u[i] = row_min
     if check != 0.0:
-        return -1
+        return NOT_FINITE
     # the scale of the scores, from the old edges (no pass over all entries): at most max |score|
     scale = 0.0
     for i in range(n):
         if 0 <= x0[i] < n:
-            scale = max(scale, abs(cost[i, x0[i]]))
+            scale = max(scale, abs(scores[i, x0[i]]))
     # far-off duals would drown the costs in rounding
     if vhi - vlo > _DUAL_SPREAD * n * scale:
-        return -2
+        return SOLVE_COLD
     # an edge off tight by rounding only (the duals come from a solve of the same problem, or
     # one that changed less than this) is kept as tight: the value is then off by at most
     # n * tol, like the rounding of any floating-point solve
@@ -219,7 +268,7 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
     gaps = 0.0
     for i in range(n):
         j = x0[i]
-        gap = -cost[i, j] - v[j] - u[i] if 0 <= j < n else scale
+        gap = -scores[i, j] - v[j] - u[i] if 0 <= j < n else scale
         gaps += gap
         if 0 <= j < n and y[j] < 0 and gap <= tol:
             x[i] = j
@@ -228,7 +277,9 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
             free[undecided] = i
             undecided += 1
     if gaps > _WARM_MAX_GAP * n * scale:
-        return -2  # the old solution is far off: duals of an unrelated problem, don't repair
+        return (
+            SOLVE_COLD  # the old solution is far off: duals of an unrelated problem, don't repair
+        )
     # then try to make the other old edges tight by raising v[j] by the row's gap, where no kept
     # row's reduced cost in column j goes negative: kept rows stay at their row minimum (their
     # edges are untouched), and free rows need no dual (ARR and the paths take row minima)
@@ -239,13 +290,13 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
         if 0 <= j < n and y[j] < 0:
             row_min = np.inf
             for k in range(n):
-                row_min = min(row_min, -cost[i, k] - v[k])
-            gap = -cost[i, j] - v[j] - row_min
+                row_min = min(row_min, -scores[i, k] - v[k])
+            gap = -scores[i, j] - v[j] - row_min
             slack = np.inf
             if gap > tol:
                 for k in range(n):
                     if x[k] >= 0:
-                        slack = min(slack, -cost[k, j] - v[j] - u[k])
+                        slack = min(slack, -scores[k, j] - v[j] - u[k])
             if gap <= slack:
                 if gap > tol:
                     v[j] += gap
@@ -262,8 +313,8 @@ def _warm_start(cost, x0, v0, x, y, v, u, free):
 
 
 @_njit
-def _certified(cost, x, y, v):
-    """Whether assignment ``x`` is optimal for ``cost`` under column duals ``v``, up to rounding.
+def _certified(scores, x, y, v):
+    """Whether assignment ``x`` is optimal for ``scores`` under column duals ``v``, up to rounding.
 
     The certificate depends only on the current scores: with row duals ``u_i = min_j (c_ij -
     v_j)`` (feasible by construction) every assigned edge must be tight within ``tol =
@@ -271,7 +322,7 @@ def _certified(cost, x, y, v):
     ``_DUAL_SPREAD * n * max |score|`` (so rounding of the reduced costs stays below ``tol``).
     Then the value is within ``n * tol`` of the optimum.
     """
-    n = cost.shape[0]
+    n = scores.shape[0]
     scale = 0.0
     vlo = np.inf
     vhi = -np.inf
@@ -285,30 +336,33 @@ def _certified(cost, x, y, v):
             return False
         row_min = np.inf
         for k in range(n):
-            scale = max(scale, abs(cost[i, k]))
-            row_min = min(row_min, -cost[i, k] - (v[k] - vhi))
-        worst = max(worst, -cost[i, j] - (v[j] - vhi) - row_min)
+            scale = max(scale, abs(scores[i, k]))
+            row_min = min(row_min, -scores[i, k] - (v[k] - vhi))
+        worst = max(worst, -scores[i, j] - (v[j] - vhi) - row_min)
     if vhi - vlo > _DUAL_SPREAD * n * scale:
         return False
     return worst <= _CERTIFY_ULPS * np.finfo(np.float64).eps * (1.0 + _DUAL_SPREAD * n) * scale
 
 
 @_njit
-def _cold_start(cost, x, y, v, free):
-    """JV's column reduction and reduction transfer; returns free rows, -1 on NaN/Inf costs."""
-    n = cost.shape[0]
+def _cold_start(scores, x, y, v, free):
+    """JV's column reduction and reduction transfer; returns free rows or :data:`NOT_FINITE`.
+
+    ``x`` must be all :data:`UNASSIGNED`.
+    """
+    n = scores.shape[0]
     check = 0.0
     for j in range(n):
         v[j] = np.inf
     for i in range(n):
         for j in range(n):
-            c = -cost[i, j]
+            c = -scores[i, j]
             check += c - c
             if c < v[j]:
                 v[j] = c
                 y[j] = i
     if check != 0.0:
-        return -1
+        return NOT_FINITE
     # each column goes to its cheapest row, the last column first
     unique = np.ones(n, dtype=np.bool_)
     for j in range(n - 1, -1, -1):
@@ -317,7 +371,7 @@ def _cold_start(cost, x, y, v, free):
             x[i] = j
         else:
             unique[i] = False
-            y[j] = -1
+            y[j] = UNASSIGNED
     # reduction transfer from rows that got exactly one column
     n_free = 0
     for i in range(n):
@@ -329,7 +383,7 @@ def _cold_start(cost, x, y, v, free):
             low = np.inf
             for k in range(n):
                 if k != j:
-                    c = -cost[i, k] - v[k]
+                    c = -scores[i, k] - v[k]
                     if c < low:
                         low = c
             v[j] -= low

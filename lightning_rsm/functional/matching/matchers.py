@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_rsm.functional.lap import _cold_values
+from lightning_rsm.functional.matching.lap import cold_values
 
 MatchResult = tuple[Tensor, Tensor]
 
@@ -62,7 +62,7 @@ def match_exact(scores: Tensor) -> MatchResult:
     """Optimal assignment of each score matrix with a Jonker-Volgenant solver.
 
     .. note:: The solve runs on CPU, compiled with numba
-        (:func:`~lightning_rsm.functional.lap.linear_assignment_batch`), or with scipy's
+        (:func:`~lightning_rsm.functional.matching.lap.linear_assignment_batch`), or with scipy's
         ``linear_sum_assignment`` when numba is not importable; both release the GIL, so
         several threads can solve different blocks at once. The result is returned on the
         input's device.
@@ -83,7 +83,7 @@ def match_exact(scores: Tensor) -> MatchResult:
         tensor([3.], dtype=torch.float64)
     """
     _check_scores(scores)
-    values = torch.from_numpy(_cold_values(scores.detach().double().cpu().numpy()))
+    values = torch.from_numpy(cold_values(scores.detach().double().cpu().numpy()))
     values = values.to(scores.device)
     return values, values.clone()
 
@@ -123,7 +123,7 @@ def match_windowed(
     values = np.zeros(matrices.shape[0], dtype=np.float64)
     for start in range(0, size, window):
         stop = min(start + window, size)
-        values += _cold_values(np.ascontiguousarray(matrices[:, start:stop, start:stop]))
+        values += cold_values(np.ascontiguousarray(matrices[:, start:stop, start:stop]))
     return torch.from_numpy(values).to(scores.device), assignment_upper_bound(scores)
 
 
