@@ -42,6 +42,11 @@ def _batches(*tensors):
     return [tuple(t[part] for t in tensors) for part in BATCHES]
 
 
+def _rsm_and_scores(metric):
+    """What SemanticRSM gives: its scores and, under ``"rsm"``, its RSM."""
+    return {**metric.compute(), "rsm": metric.rsm()}
+
+
 def _scores(features, labels=None, logits=None, **options):
     """The reference of SemanticRSM: the functional RSM and its scores, one by one."""
     rsm = semantic_rsm(features, kernel=options.get("kernel", "cosine"), max_positions=64)
@@ -75,12 +80,13 @@ def test_semantic_rsm_passes_the_metric_checks():
         partial(SemanticRSM, **options),
         _batches(features, labels, logits),
         partial(_scores, **options),
+        _rsm_and_scores,
     )
 
 
 def test_semantic_rsm_multi_hot_passes_the_metric_checks():
     features, _, multi_hot, _ = _data(1)
-    check_metric(partial(SemanticRSM), _batches(features, multi_hot), _scores)
+    check_metric(partial(SemanticRSM), _batches(features, multi_hot), _scores, _rsm_and_scores)
 
 
 def test_rsm_comparison_passes_the_metric_checks():
@@ -112,14 +118,15 @@ def test_pooling_happens_on_update_with_the_shared_default():
     assert dim_zero_cat(metric.features).shape == (N, DEFAULT_MAX_POSITIONS, 4)
     unpooled = SemanticRSM(kernel="rbf", max_positions=None)
     unpooled.update(features[:4])
-    torch.testing.assert_close(unpooled.compute()["rsm"], semantic_rsm(features[:4], kernel="rbf"))
+    torch.testing.assert_close(unpooled.rsm(), semantic_rsm(features[:4], kernel="rbf"))
 
 
 def test_features_only_and_reset():
     features, *_ = _data(3)
     metric = SemanticRSM()
     metric.update(features)
-    assert set(metric.compute()) == {"rsm"}
+    assert metric.compute() == {}
+    assert metric.rsm().shape == (N, N)
     metric.reset()
     assert metric.features == []
     with (
@@ -133,7 +140,7 @@ def test_flags_and_states():
     metric = SemanticRSM()
     assert metric.full_state_update is False
     assert metric.higher_is_better is True
-    for name in ("features", "labels", "logits"):
+    for name in ("features", "labels", "logits", "ids"):
         assert metric._reductions[name] is dim_zero_cat
         assert metric._defaults[name] == []
 
@@ -146,7 +153,7 @@ def test_plot_sorts_samples_by_label():
     fig, ax = metric.plot(out)
     order = torch.sort(labels, stable=True).indices
     drawn = torch.as_tensor(ax.images[0].get_array())
-    torch.testing.assert_close(drawn, out["rsm"][order][:, order])
+    torch.testing.assert_close(drawn, metric.rsm()[order][:, order])
     assert "mAP" in ax.get_title()
     assert len(ax.lines) == 2 * (len(labels.unique()) - 1)  # class boundaries, both axes
     plt.close(fig)
@@ -222,7 +229,13 @@ def test_ddp_equals_single_process_also_with_a_rank_that_saw_no_data(tmp_path, e
     if empty_rank is not None:
         shards = [shards[0] + shards[1], []] if empty_rank == 1 else [[], shards[0] + shards[1]]
     options = {"ks": (2,), "correlation": "spearman"}
-    check_metric_ddp(partial(SemanticRSM, **options), shards, partial(_scores, **options), tmp_path)
+    check_metric_ddp(
+        partial(SemanticRSM, **options),
+        shards,
+        partial(_scores, **options),
+        tmp_path,
+        _rsm_and_scores,
+    )
 
 
 def test_ddp_comparison_and_agreement_with_uneven_shards(tmp_path):
@@ -239,7 +252,24 @@ def test_auction_tolerance_reaches_the_rsm():
     metric = SemanticRSM(matcher="auction", tol=0.3)
     metric.update(x)
     expected = semantic_rsm(x, matcher="auction", tol=0.3)
-    assert torch.equal(metric.compute()["rsm"], expected)
+    assert torch.equal(metric.rsm(), expected)
     assert not torch.equal(expected, semantic_rsm(x, matcher="auction", tol=1e-6))
     with pytest.raises(ValueError, match="`tol`"):
         SemanticRSM(matcher="auction", tol=-1.0)
+
+
+def test_ids_drop_repeated_samples_and_order_rows_by_id():
+    features, labels, _, logits = _data(12)
+    ids = torch.arange(N).flip(0)  # sample i has id N - 1 - i
+    metric = SemanticRSM()
+    metric.update(features[:8], labels[:8], logits[:8], ids=ids[:8])
+    metric.update(features[6:], labels[6:], logits[6:], ids=ids[6:])  # 6 and 7 again
+    by_id = torch.arange(N - 1, -1, -1)  # the rows in ascending id
+    expected = _scores(features[by_id], labels[by_id], logits[by_id])
+    torch.testing.assert_close(_rsm_and_scores(metric), expected)
+    with pytest.raises(TypeError, match="`ids` to have an integer dtype, but got torch.float32"):
+        metric.update(features[:2], labels[:2], logits[:2], ids=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"`ids` of shape \(2,\) to match the 2 samples"):
+        metric.update(features[:2], labels[:2], logits[:2], ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="update 3 is without `ids` and the earlier"):
+        metric.update(features[:2], labels[:2], logits[:2])
