@@ -75,7 +75,7 @@ class KeywordNet(TinyNet):
     ],
 )
 def test_dict_batches_and_keyword_forward_give_the_tuple_scores(data, probe, tmp_path, options):
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     dict_monitor = RSMMonitor(
         DataLoader(DictDataset(*probe), batch_size=5),
         ["conv", "pool"],
@@ -83,7 +83,7 @@ def test_dict_batches_and_keyword_forward_give_the_tuple_scores(data, probe, tmp
         **options,
     )
     fit(KeywordNet(), DataLoader(DictDataset(*data), batch_size=16), dict_monitor, tmp_path)
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     tuple_monitor = RSMMonitor(probe, ["conv", "pool"])
     fit(TinyNet(), DataLoader(TensorDataset(*data), batch_size=16), tuple_monitor, tmp_path)
     assert scores(dict_monitor.history) == scores(tuple_monitor.history)
@@ -141,7 +141,7 @@ def test_a_compiled_submodule_is_monitored_without_recompiling_training(data, pr
             return graph_module.forward
 
         torch._dynamo.reset()
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = CompiledBodyNet(counting_backend)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)
@@ -199,7 +199,7 @@ def test_token_layers_keep_the_cls_token_out_of_pooled_patches(tmp_path):
     probe = vit_data(9, 1)
     runs = {}
     for tokens in ("all", "patches", "special"):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["encoder"], max_positions=25, special_tokens=1, tokens=tokens)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
@@ -260,7 +260,7 @@ def test_step_schedule_evaluates_mid_epoch_and_logs_at_that_step(data, probe, tm
 @pytest.mark.parametrize("background", [False, True])
 def test_step_schedule_leaves_training_identical(data, probe, tmp_path, background):
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNet(dropout=0.5)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)
@@ -283,7 +283,7 @@ def test_step_schedule_resume_repeats_and_loses_no_evaluation(data, probe, tmp_p
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=2, background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
@@ -414,7 +414,7 @@ def test_probe_from_validation_data_is_balanced_fixed_and_leaves_training_identi
     x, y = data
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNetWithVal(dropout=0.5)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)
@@ -494,7 +494,7 @@ def test_constructor_rejects_bad_new_options(probe, kwargs, error, match):
 @pytest.mark.parametrize("background", [False, True])
 def test_step_schedule_under_ddp_logs_the_one_process_scores(data, probe, tmp_path, background):
     """2 gloo processes, 3 steps per epoch, evaluations at steps 3 and 6 (the last)."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     model = TinyNet()
     monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=3, background=background)
     trainer = pl.Trainer(

@@ -29,7 +29,7 @@ def untimed(history: list[dict]) -> list[dict]:
 
 def run(monitor: RSMMonitor, data, tmp_path, val: bool = False, callbacks=(), ckpt_path=None,
         **overrides) -> pl.Trainer:  # fmt: skip
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     loader = DataLoader(TensorDataset(*data), batch_size=16)
     trainer = pl.Trainer(callbacks=[monitor, *callbacks], **trainer_kwargs(tmp_path, **overrides))
     trainer.fit(TinyNetWithVal() if val else TinyNet(), loader, loader if val else None,
@@ -134,7 +134,7 @@ def test_background_with_a_dict_batch_probe_and_a_keyword_forward(data, probe, t
 
     histories = {}
     for background in (False, True):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         callback = monitor(background)
         trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, max_epochs=3))
         trainer.fit(KeywordNet(), DataLoader(DictDataset(*data), batch_size=16))

@@ -209,7 +209,7 @@ def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe,
     probes = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)]
     histories = []
     for p in probes:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(p, ["conv", "pool"], batch_size=4)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=1)
         histories.append(scores(monitor.history))
@@ -260,11 +260,11 @@ def test_output_without_logits_warns_and_skips_agreement(loader, probe, tmp_path
 
 
 def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     tuple_monitor = RSMMonitor(probe, ["pair"], logits_fn=lambda out: out[1])
     fit(TupleNet(), loader, tuple_monitor, tmp_path, max_epochs=1)
     # The same weights without the tuple layer: "pair" outputs exactly what "pool" does.
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     plain_monitor = RSMMonitor(probe, ["pool"])
     fit(TinyNet(), loader, plain_monitor, tmp_path, max_epochs=1)
     got = {k.replace("/pair/", "/x/"): v for k, v in scores(tuple_monitor.history)[0].items()}
@@ -310,7 +310,7 @@ def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_pa
     """Dropout, batch norm, a shuffled training set and a shuffled probe loader."""
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNetWithVal(dropout=0.5) if with_val else TinyNet(dropout=0.5)
         loader = DataLoader(TensorDataset(*data), batch_size=16, shuffle=True)
         trainer = pl.Trainer(
@@ -357,7 +357,7 @@ def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, backgroun
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
@@ -451,7 +451,7 @@ def test_warm_started_evaluations_equal_cold_ones(loader, probe, tmp_path):
     warm = RSMMonitor(probe, ["conv", "pool"], max_positions=16)
     cold = RSMMonitor(probe, ["conv", "pool"], max_positions=16, warm_start_bytes=0)
     for monitor in (warm, cold):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=3)
     assert sorted(warm._caches) == ["conv", "pool"] and cold._caches == {}
     assert warm._caches["conv"].stats["warm_pairs"] == 66  # every pair of 12 probe samples

@@ -31,7 +31,7 @@ def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data,
                                                                           background):  # fmt: skip
     """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks (with
     ``background``, on each rank's worker, in a gloo group of the workers' own)."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     model = TinyNet()
     monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
     logger = TensorBoardLogger(tmp_path, name="", version="")

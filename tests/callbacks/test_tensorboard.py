@@ -40,7 +40,7 @@ LAYERS = ["conv", "pool"]
 def run(tmp_path_factory):
     """Two epochs with validation (and its sanity check); the monitor and the event files."""
     tmp_path = tmp_path_factory.mktemp("tb")
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     images, labels = make_data(48)
     probe_x, probe_y = make_data(12, seed=1)
     target = torch.rand(12, 12)
