@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import validation
-from lightning_rsm.callbacks.batches import ForwardFn, Picker
+from lightning_rsm.callbacks.batches import ForwardFn, LogitsFn, Picker
 from lightning_rsm.callbacks.pipeline import EvaluationPipeline
 from lightning_rsm.callbacks.probe import Probe, untouched
 from lightning_rsm.callbacks.schedule import Schedule, check_score_readers
@@ -194,7 +194,7 @@ class RSMMonitor(EvaluationPipeline, *CALLBACK_BASES):
         baseline: bool = True,
         max_positions: int | None = DEFAULT_MAX_POSITIONS,
         batch_size: int = 256,
-        logits_fn: Callable[[Any], Tensor] | None = None,
+        logits_fn: LogitsFn | None = None,
         targets: Mapping[str, Tensor] | None = None,
         method: str = "spearman",
         log_images: bool = True,
