@@ -43,7 +43,8 @@ class SemanticRSM(_SemanticRSMBase):
 
     In a ``LightningModule``, update in ``validation_step`` and log at the epoch's end (the
     dict is not a scalar, so ``self.log("name", metric)`` cannot take this Metric; it can take
-    :class:`ProbabilityAgreement` and :class:`RSMComparison`)::
+    :class:`ProbabilityAgreement` and :class:`RSMComparison`). Every rank holds the same
+    scores; ``sync_dist=True`` is what Lightning asks for them under DDP::
 
         def validation_step(self, batch, batch_idx):
             x, y, ids = batch  # a Dataset that also returns each sample's index
@@ -52,7 +53,7 @@ class SemanticRSM(_SemanticRSMBase):
 
         def on_validation_epoch_end(self):
             scores = self.rsm_metric.compute()
-            self.log_dict({f"val/rsm/{name}": value for name, value in scores.items()})
+            self.log_dict({f"val/rsm/{k}": v for k, v in scores.items()}, sync_dist=True)
             self.rsm_metric.reset()
 
     .. note::
