@@ -37,6 +37,7 @@ def run(monitor: RSMMonitor, data, tmp_path, val: bool = False, callbacks=(), ck
     return trainer
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("val", [False, True])
 def test_background_gives_the_synchronous_numbers_bit_for_bit(data, probe, tmp_path, val):
     target = torch.rand(12, 12, generator=torch.Generator().manual_seed(0))
@@ -67,6 +68,7 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
+@pytest.mark.oldest
 def test_scalars_and_images_reach_loggers_at_the_step_the_features_were_taken(data, probe,
                                                                              tmp_path):  # fmt: skip
     monitor = RSMMonitor(probe, ["conv"], background=True)
@@ -92,6 +94,7 @@ def read_csv_scores(logger: CSVLogger, key: str) -> list[tuple[int, int, float]]
     return [(int(r["epoch"]), int(r["step"]), float(r[key])) for r in rows]
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("val", [False, True])
 def test_background_steps_give_the_synchronous_history_bit_for_bit(data, probe, tmp_path, val):
     """3 batches per epoch, an evaluation every 2 steps: mid-epoch, at an epoch's last batch

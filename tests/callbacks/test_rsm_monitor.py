@@ -99,6 +99,7 @@ def test_constructor_rejects_bad_probe_targets_and_types(probe, probe_arg, kwarg
 # ------------------------------------------------------------------ fit-start validation
 
 
+@pytest.mark.oldest
 def test_unknown_layer_fails_at_fit_start_listing_the_valid_names(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv", "features.0"])
     with pytest.raises(MisconfigurationException, match=r"\['features.0'\].*'conv', 'conv.0'"):
@@ -204,6 +205,7 @@ def test_validate_and_sanity_check_do_not_evaluate(loader, probe, tmp_path):
 # ------------------------------------------------------------------ probes, labels, logits
 
 
+@pytest.mark.oldest
 def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe, tmp_path):
     x, y = probe
     probes = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)]
@@ -259,6 +261,7 @@ def test_output_without_logits_warns_and_skips_agreement(loader, probe, tmp_path
     assert not any(k.endswith("/probability_agreement") for k in keys)
 
 
+@pytest.mark.oldest
 def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
     pl.seed_everything(0)
     tuple_monitor = RSMMonitor(probe, ["pair"], logits_fn=lambda out: out[1])
@@ -303,6 +306,7 @@ def test_untouched_restores_modes_and_every_rng():
     assert [m.training for m in model.modules()] == modes
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("with_val", [False, True])
 def test_training_is_identical_with_and_without_the_callback(data, probe, tmp_path, with_val,
@@ -339,6 +343,7 @@ class PoisonedNet(TinyNet):
         return super().forward(x)
 
 
+@pytest.mark.oldest
 def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"])
     with pytest.warns(UserWarning, match="evaluation at epoch 1 failed and was skipped"):
@@ -351,6 +356,7 @@ def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path
 # ------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
 def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, background):
     """With ``background``, the monitored key makes the first evaluation of a fit wait."""
@@ -404,6 +410,7 @@ def test_state_dict_round_trip(probe):
     assert other.state_key == "RSMMonitor{'layers': ('conv',), 'kernel': 'cosine'}"
 
 
+@pytest.mark.oldest
 def test_warnings_are_not_raised_for_a_clean_run(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"])
     with warnings.catch_warnings(record=True) as record:

@@ -25,6 +25,8 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
 )
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 @pytest.mark.parametrize("background", [False, True])
 def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(data, probe, tmp_path,

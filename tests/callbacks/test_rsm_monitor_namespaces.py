@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 @pytest.fixture(params=NAMESPACES)
 def ns(request):

@@ -23,6 +23,8 @@ from lightning_rsm.metrics import ProbabilityAgreement, RSMComparison, SemanticR
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 N = 12
 
 
