@@ -12,6 +12,8 @@ from lightning_rsm import RSMMonitor
 
 cli = pytest.importorskip("lightning.pytorch.cli")
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 CONFIG = {
     "trainer": {
         "max_epochs": 1,
