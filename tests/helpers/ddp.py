@@ -18,17 +18,20 @@ def run_processes(
     """``[fn(rank, *args) for each rank]``, each run in its own process of one gloo group.
 
     ``fn`` must be a module-level function. A collective that is not matched on every rank
-    fails after ``timeout_s`` seconds instead of hanging the test run. The arguments reach the
-    processes through a file: torch 2.1's ``mp.spawn`` fails ("bad value(s) in fds_to_keep")
-    when tensors among them share a file descriptor.
+    fails after ``timeout_s`` seconds instead of hanging the test run.
     """
-    torch.save((fn, args), folder / "arguments.pt")
-    mp.spawn(_entry, args=(world_size, str(folder), timeout_s), nprocs=world_size, join=True)
+    mp.spawn(
+        _entry,
+        args=(fn, args, world_size, str(folder), timeout_s),
+        nprocs=world_size,
+        join=True,
+    )
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
-def _entry(rank: int, world_size: int, folder: str, timeout_s: int) -> None:
-    fn, args = torch.load(f"{folder}/arguments.pt", weights_only=False)
+def _entry(
+    rank: int, fn: Callable[..., Any], args: tuple, world_size: int, folder: str, timeout_s: int
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
