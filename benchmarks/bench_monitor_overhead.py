@@ -45,7 +45,7 @@ def fit(mode: str, epochs: int, probe_size: int, width: int) -> tuple[float, lis
         monitor = RSMMonitor(probe, LAYERS, solver_threads=1, background=mode == "background",
                              log_images=False)  # fmt: skip
         callbacks.append(monitor)
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,

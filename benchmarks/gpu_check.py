@@ -94,7 +94,7 @@ def fit_monitored(mode: str, device: torch.device, probe_size: int, epochs: int,
     if mode != "none":
         callbacks.append(RSMMonitor(probe, MONITOR_LAYERS, matcher="auction", tol=tol,
                                     background=mode == "background", log_images=False))  # fmt: skip
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,

@@ -70,7 +70,7 @@ class SmallResNet(pl.LightningModule):
 
 
 def main(epochs: int = 2, limit_train_batches: int | float = 1.0) -> list[dict[str, float]]:
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(digits.target)

@@ -72,7 +72,7 @@ class ProbeImages(Dataset):
 
 
 def main(epochs: int = 3, log_dir: str = "runs/custom_model") -> list[dict[str, float]]:
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(digits.target)

@@ -87,7 +87,7 @@ def main(
     probe_size: int = 100,
     log_dir: str = "runs/transformer_tokens",
 ) -> list[dict[str, float]]:
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(digits.target)

@@ -10,6 +10,7 @@ Run it with ``lightning-rsm demo`` (or ``make demo``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -197,6 +198,12 @@ def format_table(history: Sequence[dict[str, float]], layers: Sequence[str]) -> 
     return "\n".join(lines)
 
 
+def _seed_quietly(seed: int) -> None:
+    """``seed_everything`` without its log line where Lightning has ``verbose`` (not 2.1-2.2)."""
+    quiet = "verbose" in inspect.signature(pl.seed_everything).parameters
+    pl.seed_everything(seed, **({"verbose": False} if quiet else {}))
+
+
 def run_demo(
     *,
     log_dir: str | Path = "runs/demo",
@@ -227,7 +234,7 @@ def run_demo(
     """
     from lightning_rsm.callbacks import RSMMonitor
 
-    pl.seed_everything(seed, verbose=False)
+    _seed_quietly(seed)
     images, labels = shifted_digits(seed=seed)
     probe_idx, train_idx = split_probe(labels, per_class, seed=seed)
     train_idx = train_idx[:train_size]

@@ -13,6 +13,8 @@ import torch
 from lightning_rsm.demo import DigitsCNN, format_table, shifted_digits, split_probe
 from lightning_rsm.plotting import heatmap_rgb, sort_by_label
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 @pytest.fixture(scope="module")
 def digits():

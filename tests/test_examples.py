@@ -5,6 +5,10 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 

@@ -40,14 +40,14 @@ def test_heatmaps_and_the_metric_plot_order_samples_alike():
     labels = torch.tensor([[0, 0], [0, 1], [1, 0], [0, 0], [1, 1], [0, 1]])
     metric = SemanticRSM()
     metric.update(features, labels)
-    out = metric.compute()
-    fig, ax = metric.plot(out)
+    rsm = metric.rsm()
+    fig, ax = metric.plot(metric.compute())
     drawn = torch.as_tensor(ax.images[0].get_array())
     plt.close(fig)
-    torch.testing.assert_close(drawn, sort_by_label(out["rsm"], labels))
+    torch.testing.assert_close(drawn, sort_by_label(rsm, labels))
     # the callback's pictures sort with the same function
-    images = rsm_images({"x": {"semantic": out["rsm"]}}, labels, {"x": (0.0, 1.0)})
-    expected = rsm_images({"x": {"semantic": sort_by_label(out["rsm"], labels)}}, None,
+    images = rsm_images({"x": {"semantic": rsm}}, labels, {"x": (0.0, 1.0)})
+    expected = rsm_images({"x": {"semantic": sort_by_label(rsm, labels)}}, None,
                           {"x": (0.0, 1.0)})  # fmt: skip
     assert (images["rsm/x/semantic/heatmap"] == expected["rsm/x/semantic/heatmap"]).all()
 

@@ -15,10 +15,17 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-Picker = str | int | Callable[[Any], Any]
+#: Picks a part of a batch: a function of the batch, an index (tuple batches) or a key (dict
+#: batches). The function comes first so that LightningCLI (jsonargparse) resolves an import
+#: path such as ``mymodule.pick`` to the function rather than keeping it as a key.
+Picker = Callable[[Any], Any] | int | str
 
 #: Runs the model on a probe batch's inputs: ``forward_fn(model, inputs) -> output``.
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+#: Maps the model's output to logits ``(B, K)``. Typed ``-> Any`` so that LightningCLI accepts
+#: an unannotated function by import path (``-> Tensor`` would demand the annotation).
+LogitsFn = Callable[[Any], Any]
 
 
 def describe(batch: Any) -> str:

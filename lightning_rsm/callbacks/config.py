@@ -11,15 +11,14 @@ that uses it, and its entry in ``RSMMonitor``'s docstring.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rsm.callbacks.batches import ForwardFn, Picker, split_batch
+from lightning_rsm.callbacks.batches import ForwardFn, LogitsFn, Picker, split_batch
 from lightning_rsm.callbacks.probe import Probe, check_probe_tensors
 from lightning_rsm.functional import representations
 from lightning_rsm.functional.options import (
@@ -82,7 +81,7 @@ class MonitorConfig:
     baseline: bool = True
     max_positions: int | None = DEFAULT_MAX_POSITIONS
     batch_size: int = 256
-    logits_fn: Callable[[Any], Tensor] | None = None
+    logits_fn: LogitsFn | None = None
     targets: Mapping[str, Tensor] = field(default_factory=dict)
     method: str = "spearman"
     log_images: bool = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import reporting, schedule
-from lightning_rsm.callbacks.batches import ForwardFn, Picker, batch_length, slice_batch
+from lightning_rsm.callbacks.batches import ForwardFn, LogitsFn, Picker, batch_length, slice_batch
 from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
 from lightning_rsm.callbacks.evaluation import Evaluation, Evaluator, Outcome, warm_start_caches
 from lightning_rsm.callbacks.probe import (
@@ -216,7 +216,7 @@ class RSMMonitor(*CALLBACK_BASES):
         baseline: bool = True,
         max_positions: int | None = DEFAULT_MAX_POSITIONS,
         batch_size: int = 256,
-        logits_fn: Callable[[Any], Tensor] | None = None,
+        logits_fn: LogitsFn | None = None,
         targets: Mapping[str, Tensor] | None = None,
         method: str = "spearman",
         log_images: bool = True,

@@ -28,17 +28,41 @@ from lightning_rsm.plotting import draw_rsm
 class SemanticRSM(_SemanticRSMBase):
     """Semantic RSM of representations gathered batch by batch, with its quality scores.
 
-    ``update`` stores each batch's representations (and optionally labels and logits);
-    ``compute`` builds the semantic RSM of all samples with
-    :func:`~lightning_rsm.functional.semantic_rsm` and returns it under ``"rsm"`` with its
-    scores from :func:`~lightning_rsm.functional.rsm_scores` (``"map"``, ``"precision@k"``,
-    ``"recall@k"`` with labels, ``"f1@1"`` with multi-hot labels, ``"probability_agreement"``
-    with logits).
+    ``update`` stores each batch's representations (and optionally labels, logits and sample
+    ids); ``compute`` builds the semantic RSM of all samples with
+    :func:`~lightning_rsm.functional.semantic_rsm` and returns its scores from
+    :func:`~lightning_rsm.functional.rsm_scores`, a dict of scalars that ``log_dict`` takes:
+    ``"map"``, ``"precision@k"``, ``"recall@k"`` with labels, ``"f1@1"`` with multi-hot labels,
+    ``"probability_agreement"`` with logits (empty without labels and logits). ``rsm()``
+    returns the ``(N, N)`` RSM of the same computation (computed once for both).
 
     All scores are higher-is-better. States are lists reduced with ``"cat"``, so under DDP
     ``compute`` sees every rank's samples (rank 0's first) and returns the same on all ranks,
     sharing the RSM's work among them; a rank that stored nothing takes part too. The RSM's
-    row order is the order samples were gathered in.
+    row order is the order samples were gathered in, or ascending ``ids`` when ids are given.
+
+    In a ``LightningModule``, update in ``validation_step`` and log at the epoch's end (the
+    dict is not a scalar, so ``self.log("name", metric)`` cannot take this Metric; it can take
+    :class:`ProbabilityAgreement` and :class:`RSMComparison`). Every rank holds the same
+    scores; ``sync_dist=True`` is what Lightning asks for them under DDP::
+
+        def validation_step(self, batch, batch_idx):
+            x, y, ids = batch  # a Dataset that also returns each sample's index
+            features = self.backbone(x)
+            self.rsm_metric.update(features, labels=y, logits=self.head(features), ids=ids)
+
+        def on_validation_epoch_end(self):
+            scores = self.rsm_metric.compute()
+            self.log_dict({f"val/rsm/{k}": v for k, v in scores.items()}, sync_dist=True)
+            self.rsm_metric.reset()
+
+    .. note::
+        Under DDP, Lightning's ``DistributedSampler`` pads the last batches by repeating
+        samples so every rank gets as many: 241 validation samples on 2 ranks are computed
+        as 242. Pass each sample's index (``ids``, e.g. from a Dataset that returns it): after
+        the gather the repeats are dropped, keeping each id's first occurrence, and the rows
+        follow ascending ids, the same on any number of ranks. Without ``ids`` the repeats
+        stay.
 
     .. note::
         Representations are kept until ``reset()``: memory grows as N * S * C floats (after
@@ -74,11 +98,10 @@ class SemanticRSM(_SemanticRSMBase):
         >>> metric = SemanticRSM()
         >>> metric.update(torch.cat([a, a.roll(1, 3)]), labels=torch.tensor([0, 0]))
         >>> metric.update(torch.cat([b, b.roll(2, 2)]), labels=torch.tensor([1, 1]))
-        >>> scores = metric.compute()
-        >>> scores["rsm"].shape
+        >>> metric.compute()                                 # shifted copies find each other
+        {'map': tensor(1.), 'precision@1': tensor(1.), 'recall@1': tensor(1.)}
+        >>> metric.rsm().shape
         torch.Size([4, 4])
-        >>> scores["map"], scores["precision@1"]            # shifted copies find each other
-        (tensor(1.), tensor(1.))
     """
 
     higher_is_better = True
@@ -86,6 +109,7 @@ class SemanticRSM(_SemanticRSMBase):
     features: list[Tensor]
     labels: list[Tensor]
     logits: list[Tensor]
+    ids: list[Tensor]
 
     def __init__(
         self,
@@ -131,6 +155,8 @@ class SemanticRSM(_SemanticRSMBase):
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
+        self._rsm: Tensor | None = None  # the RSM of the last compute, returned by rsm()
 
     def _check_presence(self, name: str, value: Tensor | None) -> None:
         """Labels and logits must come with every update or with none."""
@@ -143,7 +169,11 @@ class SemanticRSM(_SemanticRSMBase):
             )
 
     def update(
-        self, features: Tensor, labels: Tensor | None = None, logits: Tensor | None = None
+        self,
+        features: Tensor,
+        labels: Tensor | None = None,
+        logits: Tensor | None = None,
+        ids: Tensor | None = None,
     ) -> None:
         """Store a batch.
 
@@ -151,18 +181,24 @@ class SemanticRSM(_SemanticRSMBase):
             features: representations of shape ``(B, C, H, W)``, ``(B, T, D)`` or ``(B, D)``.
             labels: class ids of shape ``(B,)`` or multi-hot labels of shape ``(B, L)``.
             logits: logits (or probabilities if not ``from_logits``) of shape ``(B, K)``.
+            ids: integer sample ids of shape ``(B,)`` (e.g. dataset indices); samples whose id
+                was stored before (by any rank) are dropped in ``compute``.
 
         Raises:
             TypeError: As ``semantic_rsm``, ``retrieval_average_precision`` and
-                ``probability_agreement`` for their inputs.
+                ``probability_agreement`` for their inputs, or if ``ids`` are not integers.
             ValueError: If shapes differ from the batch size or earlier updates, values are
-                invalid, or labels/logits are given in some updates but not others.
+                invalid, or labels/logits/ids are given in some updates but not others.
         """
         concepts = self._concepts(features, "features", self.features)
         n = concepts.shape[0]
         context = "the {n} samples of `features`"
         self._check_presence("labels", labels)
         self._check_presence("logits", logits)
+        self._check_presence("ids", ids)
+        if ids is not None:
+            _check_ids(ids, n)
+            self.ids.append(ids.detach().to(self.device, torch.long))
         if labels is not None:
             check_labels(labels, n, context)
             earlier = self.labels[0].shape[1:] if len(self.labels) else labels.shape[1:]
@@ -184,25 +220,37 @@ class SemanticRSM(_SemanticRSMBase):
         self.features.append(concepts.to(self.device))
 
     def compute(self) -> dict[str, Tensor]:
-        """The semantic RSM of all stored samples and its scores (see the class docstring).
+        """The scores of the semantic RSM of all stored samples (see the class docstring).
 
         Raises:
             ValueError: If nothing was stored, fewer than 2 samples were, ``top_k`` or a k in
                 ``ks`` exceeds N - 1, or ``empty_target_action="error"`` meets a query with
                 no relevant sample.
         """
-        rsm = self._semantic_rsm(self.features, "features")
-        scores = rsm_scores(
-            rsm,
-            dim_zero_cat(self.labels) if len(self.labels) else None,
-            dim_zero_cat(self.logits) if len(self.logits) else None,
+        stored = {name: getattr(self, name) for name in ("features", "labels", "logits")}
+        if len(self.ids):
+            keep = _first_of_each_id(dim_zero_cat(self.ids))
+            stored = {name: dim_zero_cat(v)[keep] if len(v) else v for name, v in stored.items()}
+        self._rsm = self._semantic_rsm(stored["features"], "features")
+        return rsm_scores(
+            self._rsm,
+            dim_zero_cat(stored["labels"]) if len(stored["labels"]) else None,
+            dim_zero_cat(stored["logits"]) if len(stored["logits"]) else None,
             ks=self.ks,
             top_k=self.top_k,
             correlation=self.correlation,
             from_logits=self.from_logits,
             empty_target_action=self.empty_target_action,
         )
-        return {"rsm": rsm, **scores}
+
+    def rsm(self) -> Tensor:
+        """The ``(N, N)`` semantic RSM behind ``compute()``'s scores (computed once for both).
+
+        Raises:
+            ValueError: As ``compute``.
+        """
+        self.compute()
+        return self._rsm.clone()
 
     def plot(
         self, val: dict[str, Tensor] | Tensor | None = None, ax: _AX_TYPE | None = None
@@ -212,7 +260,8 @@ class SemanticRSM(_SemanticRSMBase):
         (off-diagonal 1st-99th percentiles) and a colour bar.
 
         Args:
-            val: a result of ``compute()`` (or its ``"rsm"``); default: call ``compute()``.
+            val: a result of ``compute()`` (then the RSM is ``rsm()``) or an RSM; default: call
+                ``compute()``.
             ax: a matplotlib axis to draw into; default a new figure.
 
         Returns:
@@ -225,7 +274,7 @@ class SemanticRSM(_SemanticRSMBase):
         from matplotlib.figure import Figure
 
         val = self.compute() if val is None else val
-        rsm = val["rsm"] if isinstance(val, dict) else val
+        rsm = self.rsm() if isinstance(val, dict) else val
         labels = dim_zero_cat(self.labels).cpu() if len(self.labels) else None
         if labels is not None and labels.shape[0] != rsm.shape[0]:
             labels = None  # an RSM of other samples than the stored ones: probe order
@@ -237,3 +286,30 @@ class SemanticRSM(_SemanticRSMBase):
         draw_rsm(ax, rsm, labels, title=title, colour_bar=f"{self.kernel} similarity")
         fig = ax.get_figure()
         return fig, ax
+
+
+def _check_ids(ids: object, n: int) -> None:
+    """Raise unless ``ids`` are ``n`` integer sample ids of shape ``(n,)``."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"Expected `ids` to be a torch.Tensor, but got {type(ids).__name__}.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"Expected `ids` to have an integer dtype, but got {ids.dtype}.")
+    if ids.shape != (n,):
+        raise ValueError(
+            f"Expected `ids` of shape ({n},) to match the {n} samples of `features`, but got "
+            f"shape {tuple(ids.shape)}."
+        )
+
+
+def _first_of_each_id(ids: Tensor) -> Tensor:
+    """Indices of each id's first occurrence in ``ids``, in ascending order of id.
+
+    Example:
+        >>> _first_of_each_id(torch.tensor([4, 0, 2, 0, 4]))
+        tensor([1, 2, 0])
+    """
+    order = torch.argsort(ids, stable=True)
+    ranked = ids[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    return order[first]

@@ -26,12 +26,13 @@ WORKER = "lightning_rsm-monitor"
 
 def run(monitor: RSMMonitor, data, tmp_path, val: bool = False, **overrides) -> pl.Trainer:
     """A seeded fit of TinyNet (with ``val``: TinyNetWithVal and its validation) on ``data``."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     loader = DataLoader(TensorDataset(*data), batch_size=16)
     model = TinyNetWithVal() if val else TinyNet()
     return fit(model, loader, monitor, tmp_path, val=loader if val else None, **overrides)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("val", [False, True])
 def test_background_gives_the_synchronous_numbers_bit_for_bit(data, probe, tmp_path, val):
     target = torch.rand(12, 12, generator=torch.Generator().manual_seed(0))
@@ -83,6 +84,7 @@ def read_csv_scores(logger: CSVLogger, key: str) -> list[tuple[int, int, float]]
     return [(int(r["epoch"]), int(r["step"]), float(r[key])) for r in csv_rows(logger.log_dir, key)]
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("val", [False, True])
 def test_background_steps_give_the_synchronous_history_bit_for_bit(data, probe, tmp_path, val):
     """3 batches per epoch, an evaluation every 2 steps: mid-epoch, at an epoch's last batch
@@ -137,7 +139,7 @@ def test_background_with_a_dict_batch_probe_and_a_keyword_forward(data, probe, t
 
     histories = {}
     for background in (False, True):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         callback = monitor(background)
         trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, max_epochs=3))
         trainer.fit(KeywordNet(), DataLoader(DictDataset(*data), batch_size=16))

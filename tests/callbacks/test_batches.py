@@ -48,8 +48,8 @@ class KeywordNet(TinyNet):
         },
     ],
 )
-def test_dict_batches_and_keyword_forward_give_the_tuple_untimed(data, probe, tmp_path, options):
-    pl.seed_everything(0, verbose=False)
+def test_dict_batches_and_keyword_forward_give_the_tuple_scores(data, probe, tmp_path, options):
+    pl.seed_everything(0)
     dict_monitor = RSMMonitor(
         DataLoader(DictDataset(*probe), batch_size=5),
         ["conv", "pool"],
@@ -57,7 +57,7 @@ def test_dict_batches_and_keyword_forward_give_the_tuple_untimed(data, probe, tm
         **options,
     )
     fit(KeywordNet(), DataLoader(DictDataset(*data), batch_size=16), dict_monitor, tmp_path)
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     tuple_monitor = RSMMonitor(probe, ["conv", "pool"])
     fit(TinyNet(), DataLoader(TensorDataset(*data), batch_size=16), tuple_monitor, tmp_path)
     assert untimed(dict_monitor.history) == untimed(tuple_monitor.history)

@@ -32,7 +32,7 @@ def test_a_compiled_submodule_is_monitored_without_recompiling_training(data, pr
             return graph_module.forward
 
         torch._dynamo.reset()
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = CompiledBodyNet(counting_backend)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)

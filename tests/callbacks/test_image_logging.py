@@ -46,6 +46,7 @@ def read_png(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_tensorboard_event_file_holds_each_image_at_step(namespace, tmp_path, images):
     logger = loggers_of(namespace).TensorBoardLogger(tmp_path, name="", version="")
@@ -62,6 +63,7 @@ def test_tensorboard_event_file_holds_each_image_at_step(namespace, tmp_path, im
         np.testing.assert_array_equal(decoded, image)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_csv_logger_gets_flat_png_files(namespace, tmp_path, images):
     logger = loggers_of(namespace).CSVLogger(tmp_path, name="csv")
@@ -86,6 +88,7 @@ def test_any_object_with_log_dir_gets_files_and_odd_tags_stay_flat(tmp_path, ima
     assert os.listdir(tmp_path / "rsm") == ["rsm__a_b_c__..__heatmap_step00000000.png"]
 
 
+@pytest.mark.oldest
 def test_wandb_offline_run_holds_the_images(tmp_path, monkeypatch, images):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -215,6 +218,7 @@ def test_bad_input_raises(images, step, error, match):
         log_images([], images, step)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_callback_sends_images_to_every_trainer_logger(namespace, tmp_path):
     """A callback on CALLBACK_BASES logs through trainer.loggers in a real fit, once per step."""

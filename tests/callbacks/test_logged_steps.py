@@ -50,7 +50,7 @@ def fit_with_every_logger(data, probe, folder, *, val: bool, **options) -> dict:
     csv = CSVLogger(folder, name="csv", version="")
     mlflow = MLFlowLogger(experiment_name="steps", tracking_uri=uri)
     wandb_logger = WandbLogger(save_dir=str(folder), project="steps", offline=True)
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     loader = DataLoader(TensorDataset(*data), batch_size=16)
     monitor = RSMMonitor(probe, ["conv"], **options)
     model = TinyNetWithVal() if val else EpochLossNet()

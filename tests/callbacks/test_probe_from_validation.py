@@ -21,7 +21,7 @@ def test_probe_from_validation_data_is_balanced_fixed_and_leaves_training_identi
     x, y = data
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNetWithVal(dropout=0.5)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)

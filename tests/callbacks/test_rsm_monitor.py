@@ -28,6 +28,7 @@ from lightning_rsm.functional import (
 # ------------------------------------------------------------------ fit-start validation
 
 
+@pytest.mark.oldest
 def test_unknown_layer_fails_at_fit_start_listing_the_valid_names(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv", "features.0"])
     with pytest.raises(MisconfigurationException, match=r"\['features.0'\].*'conv', 'conv.0'"):
@@ -153,12 +154,13 @@ def test_neither_the_sanity_check_nor_validate_evaluates(loader, probe, tmp_path
 # ------------------------------------------------------------------ probes, labels, logits
 
 
-def test_tuple_dataset_and_dataloader_probes_give_the_same_untimed(loader, probe, tmp_path):
+@pytest.mark.oldest
+def test_tuple_dataset_and_dataloader_probes_give_the_same_scores(loader, probe, tmp_path):
     x, y = probe
     probes = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)]
     histories = []
     for p in probes:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(p, ["conv", "pool"], batch_size=4)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=1)
         histories.append(untimed(monitor.history))
@@ -208,12 +210,13 @@ def test_output_without_logits_warns_and_skips_agreement(loader, probe, tmp_path
     assert not any(k.endswith("/probability_agreement") for k in keys)
 
 
+@pytest.mark.oldest
 def test_logits_fn_and_tuple_layer_outputs(loader, probe, tmp_path):
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     tuple_monitor = RSMMonitor(probe, ["pair"], logits_fn=lambda out: out[1])
     fit(TupleNet(), loader, tuple_monitor, tmp_path, max_epochs=1)
     # The same weights without the tuple layer: "pair" outputs exactly what "pool" does.
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     plain_monitor = RSMMonitor(probe, ["pool"])
     fit(TinyNet(), loader, plain_monitor, tmp_path, max_epochs=1)
     got = {k.replace("/pair/", "/x/"): v for k, v in untimed(tuple_monitor.history)[0].items()}
@@ -252,6 +255,7 @@ def test_untouched_restores_modes_and_every_rng():
     assert [m.training for m in model.modules()] == modes
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("with_val", [False, True])
 def test_training_is_identical_with_and_without_the_callback(
@@ -260,7 +264,7 @@ def test_training_is_identical_with_and_without_the_callback(
     """Dropout, batch norm, a shuffled training set and a shuffled probe loader."""
 
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNetWithVal(dropout=0.5) if with_val else TinyNet(dropout=0.5)
         loader = DataLoader(TensorDataset(*data), batch_size=16, shuffle=True)
         trainer = pl.Trainer(
@@ -289,6 +293,7 @@ class PoisonedNet(TinyNet):
         return super().forward(x)
 
 
+@pytest.mark.oldest
 def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"])
     with pytest.warns(UserWarning, match="evaluation at epoch 1 failed and was skipped"):
@@ -301,13 +306,14 @@ def test_a_failing_evaluation_warns_and_training_goes_on(loader, probe, tmp_path
 # ------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
 def test_resume_repeats_and_loses_no_evaluation(data, probe, tmp_path, background):
     """With ``background``, the monitored key makes the first evaluation of a fit wait."""
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
@@ -354,6 +360,7 @@ def test_state_dict_round_trip(probe):
     assert other.state_key == "RSMMonitor{'layers': ('conv',), 'kernel': 'cosine'}"
 
 
+@pytest.mark.oldest
 def test_warnings_are_not_raised_for_a_clean_run(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"])
     with warnings.catch_warnings(record=True) as record:
@@ -408,7 +415,7 @@ def test_warm_started_evaluations_equal_cold_ones(loader, probe, tmp_path):
     warm = RSMMonitor(probe, ["conv", "pool"], max_positions=16)
     cold = RSMMonitor(probe, ["conv", "pool"], max_positions=16, warm_start_bytes=0)
     for monitor in (warm, cold):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=3)
     assert sorted(warm._caches) == ["conv", "pool"] and cold._caches == {}
     assert warm._caches["conv"].stats["warm_pairs"] == 66  # every pair of 12 probe samples

@@ -25,6 +25,8 @@ from lightning_rsm.functional import (
     spatio_semantic_rsm,
 )
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 @pytest.mark.parametrize("background", [False, True])
 def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(
@@ -32,7 +34,7 @@ def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(
 ):
     """Each rank runs the probe; semantic_rsm splits its pairs across the 2 ranks (with
     ``background``, on each rank's worker, in a gloo group of the workers' own)."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     model = TinyNet()
     monitor = RSMMonitor(probe, ["conv", "pool"], background=background)
     logger = TensorBoardLogger(tmp_path, name="", version="")

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 @pytest.fixture(params=NAMESPACES)
 def ns(request):
@@ -29,7 +31,7 @@ def test_training_is_identical_with_and_without_the_callback(ns, data, probe, tm
     namespace, _, tiny_with_val = ns
 
     def train(monitor):
-        namespace.seed_everything(0, verbose=False)
+        namespace.seed_everything(0)
         model = tiny_with_val(dropout=0.5)
         trainer = namespace.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)
@@ -50,7 +52,7 @@ def test_resume_repeats_and_loses_no_evaluation(ns, data, probe, tmp_path):
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs, folder, ckpt_path=None):
-        namespace.seed_everything(0, verbose=False)
+        namespace.seed_everything(0)
         monitor = RSMMonitor(probe, ["conv"])
         checkpoint = namespace.callbacks.ModelCheckpoint(tmp_path / folder, save_last=True)
         trainer = namespace.Trainer(

@@ -51,10 +51,11 @@ def test_step_schedule_evaluates_mid_epoch_and_logs_at_that_step(data, probe, tm
     )
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
 def test_step_schedule_leaves_training_identical(data, probe, tmp_path, background):
     def train(monitor: RSMMonitor | None) -> dict[str, Tensor]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNet(dropout=0.5)
         trainer = pl.Trainer(
             callbacks=[monitor] if monitor else [], **trainer_kwargs(tmp_path, max_epochs=2)
@@ -77,7 +78,7 @@ def test_step_schedule_resume_repeats_and_loses_no_evaluation(data, probe, tmp_p
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[RSMMonitor, ModelCheckpoint]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=2, background=background)
         checkpoint = ModelCheckpoint(
             tmp_path / f"ckpt_{max_epochs}_{ckpt_path is not None}",
@@ -104,10 +105,11 @@ def test_step_schedule_resume_repeats_and_loses_no_evaluation(data, probe, tmp_p
             assert row_got[key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("background", [False, True])
-def test_step_schedule_under_ddp_logs_the_one_process_untimed(data, probe, tmp_path, background):
+def test_step_schedule_under_ddp_logs_the_one_process_scores(data, probe, tmp_path, background):
     """2 gloo processes, 3 steps per epoch, evaluations at steps 3 and 6 (the last)."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     model = TinyNet()
     monitor = RSMMonitor(probe, ["conv"], every_n_train_steps=3, background=background)
     trainer = pl.Trainer(

@@ -40,7 +40,7 @@ LAYERS = ["conv", "pool"]
 def run(tmp_path_factory):
     """Two epochs with validation (and its sanity check); the monitor and the event files."""
     tmp_path = tmp_path_factory.mktemp("tb")
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     images, labels = make_data(48)
     probe_x, probe_y = make_data(12, seed=1)
     target = torch.rand(12, 12)
@@ -58,6 +58,7 @@ def run(tmp_path_factory):
     return model, monitor, events, (probe_x, probe_y, target)
 
 
+@pytest.mark.oldest
 def test_scalar_tags_and_one_value_per_epoch(run):
     _, monitor, events, _ = run
     tags = set(events.Tags()["scalars"])
@@ -90,6 +91,7 @@ def test_scalar_values_are_in_range_and_match_history(run):
             assert all(-1.0 <= v <= 1.0 for v in values), tag
 
 
+@pytest.mark.oldest
 def test_logged_scores_equal_a_direct_computation(run):
     model, monitor, _, (probe_x, probe_y, target) = run
     model.eval()
@@ -158,6 +160,7 @@ def demo_logs(tmp_path_factory):
     return log_dir, out.getvalue()
 
 
+@pytest.mark.oldest
 def test_demo_prints_a_row_per_epoch_and_layer(demo_logs):
     _, printed = demo_logs
     rows = [line.split() for line in printed.splitlines() if line[:5].strip().isdigit()]

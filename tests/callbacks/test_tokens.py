@@ -52,7 +52,7 @@ def test_token_layers_keep_the_cls_token_out_of_pooled_patches(tmp_path):
     probe = vit_data(9, 1)
     runs = {}
     for tokens in ("all", "patches", "special"):
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, ["encoder"], max_positions=25, special_tokens=1, tokens=tokens)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")

@@ -4,7 +4,8 @@
 updates in batches equal one update of everything and equal the functional reference;
 ``forward`` returns the batch's own value and still accumulates; a pickled, cloned or
 ``state_dict``-restored metric computes the same. :func:`check_metric_ddp` checks that two
-ranks holding shards (some possibly empty) compute what one process computes.
+ranks holding shards (some possibly empty) compute what one process computes. A metric with
+more than ``compute`` to check (``SemanticRSM.rsm``) names it with ``outputs``.
 """
 
 from __future__ import annotations
@@ -33,27 +34,39 @@ def _update(metric: Metric, batches: Sequence[Batch]) -> Metric:
     return metric
 
 
+def computed(metric: Metric) -> Any:
+    """What most metrics give: ``compute()``."""
+    return metric.compute()
+
+
 def check_metric(
-    make: Callable[[], Metric], batches: Sequence[Batch], reference: Callable[..., Any]
+    make: Callable[[], Metric],
+    batches: Sequence[Batch],
+    reference: Callable[..., Any],
+    outputs: Callable[[Metric], Any] = computed,
 ) -> None:
-    """Every single-process check; ``reference(*tensors)`` is the functional result."""
+    """Every single-process check; ``reference(*tensors)`` is the functional result of
+    ``outputs(metric)``, and ``forward`` gives the batch's ``compute()``, a subset of it."""
     expected = reference(*_cat(batches))
-    torch.testing.assert_close(_update(make(), [_cat(batches)]).compute(), expected)
+    torch.testing.assert_close(outputs(_update(make(), [_cat(batches)])), expected)
     batched = _update(make(), batches)
-    torch.testing.assert_close(batched.compute(), expected)
+    torch.testing.assert_close(outputs(batched), expected)
 
     forwarded = make()
     for batch in batches:
-        torch.testing.assert_close(forwarded(*batch), reference(*batch))
-    torch.testing.assert_close(forwarded.compute(), expected)
+        value, own = forwarded(*batch), reference(*batch)
+        if isinstance(own, dict):  # ``outputs`` may give more than ``compute`` (``rsm()``)
+            own = {key: own[key] for key in value}
+        torch.testing.assert_close(value, own)
+    torch.testing.assert_close(outputs(forwarded), expected)
 
-    torch.testing.assert_close(pickle.loads(pickle.dumps(batched)).compute(), expected)
-    torch.testing.assert_close(batched.clone().compute(), expected)
+    torch.testing.assert_close(outputs(pickle.loads(pickle.dumps(batched))), expected)
+    torch.testing.assert_close(outputs(batched.clone()), expected)
     batched.persistent(True)
     restored = make()
     restored.persistent(True)
     restored.load_state_dict(batched.state_dict())
-    torch.testing.assert_close(restored.compute(), expected)
+    torch.testing.assert_close(outputs(restored), expected)
 
 
 def check_metric_ddp(
@@ -61,15 +74,23 @@ def check_metric_ddp(
     shards: Sequence[Sequence[Batch]],
     reference: Callable[..., Any],
     folder: Path,
+    outputs: Callable[[Metric], Any] = computed,
 ) -> None:
     """Rank r updates with ``shards[r]`` (a list of batches, maybe empty); every rank must
     compute the reference of all samples in rank order."""
     folder.mkdir(parents=True, exist_ok=True)
-    results = run_processes(_compute_shard, make, shards, folder=folder, world_size=len(shards))
+    results = run_processes(
+        _compute_shard, make, shards, outputs, folder=folder, world_size=len(shards)
+    )
     expected = reference(*_cat([batch for shard in shards for batch in shard]))
     for result in results:
         torch.testing.assert_close(result, expected)
 
 
-def _compute_shard(rank: int, make: Callable[[], Metric], shards: Sequence[Sequence[Batch]]):
-    return _update(make(), shards[rank]).compute()
+def _compute_shard(
+    rank: int,
+    make: Callable[[], Metric],
+    shards: Sequence[Sequence[Batch]],
+    outputs: Callable[[Metric], Any],
+) -> Any:
+    return outputs(_update(make(), shards[rank]))

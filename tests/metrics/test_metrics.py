@@ -1,4 +1,8 @@
-"""Metrics: the shared metric checks against the functional API, DDP, options and plots."""
+"""Metrics: the shared metric checks against the functional API, DDP, options and plots.
+
+The tests marked ``oldest`` also run on the oldest declared versions; the DDP ones here do not:
+on torch 2.1 ``mp.spawn`` of tensor arguments fails. The Metrics meet DDP on those versions in
+``test_metrics_in_lightning_module.py`` (Lightning's ``ddp_spawn``)."""
 
 from functools import partial
 
@@ -42,6 +46,11 @@ def _batches(*tensors):
     return [tuple(t[part] for t in tensors) for part in BATCHES]
 
 
+def _rsm_and_scores(metric):
+    """What SemanticRSM gives: its scores and, under ``"rsm"``, its RSM."""
+    return {**metric.compute(), "rsm": metric.rsm()}
+
+
 def _scores(features, labels=None, logits=None, **options):
     """The reference of SemanticRSM: the functional RSM and its scores, one by one."""
     rsm = semantic_rsm(features, kernel=options.get("kernel", "cosine"), max_positions=64)
@@ -68,6 +77,7 @@ def _agreement(features, logits, matcher="exact"):
     return probability_agreement(semantic_rsm(features, matcher=matcher), logits)
 
 
+@pytest.mark.oldest
 def test_semantic_rsm_passes_the_metric_checks():
     features, labels, _, logits = _data()
     options = {"top_k": 2, "ks": (1, 2), "correlation": "spearman"}
@@ -75,14 +85,17 @@ def test_semantic_rsm_passes_the_metric_checks():
         partial(SemanticRSM, **options),
         _batches(features, labels, logits),
         partial(_scores, **options),
+        _rsm_and_scores,
     )
 
 
+@pytest.mark.oldest
 def test_semantic_rsm_multi_hot_passes_the_metric_checks():
     features, _, multi_hot, _ = _data(1)
-    check_metric(partial(SemanticRSM), _batches(features, multi_hot), _scores)
+    check_metric(partial(SemanticRSM), _batches(features, multi_hot), _scores, _rsm_and_scores)
 
 
+@pytest.mark.oldest
 def test_rsm_comparison_passes_the_metric_checks():
     features, *_ = _data(4)
     check_metric(
@@ -96,6 +109,7 @@ def test_rsm_comparison_passes_the_metric_checks():
     assert rotated.compute().item() == pytest.approx(1.0)
 
 
+@pytest.mark.oldest
 def test_probability_agreement_passes_the_metric_checks():
     features, _, _, logits = _data(5)
     check_metric(
@@ -105,6 +119,7 @@ def test_probability_agreement_passes_the_metric_checks():
     )
 
 
+@pytest.mark.oldest
 def test_pooling_happens_on_update_with_the_shared_default():
     features = torch.randn(N, 4, 12, 12, generator=torch.Generator().manual_seed(2))
     metric = SemanticRSM()
@@ -112,14 +127,16 @@ def test_pooling_happens_on_update_with_the_shared_default():
     assert dim_zero_cat(metric.features).shape == (N, DEFAULT_MAX_POSITIONS, 4)
     unpooled = SemanticRSM(kernel="rbf", max_positions=None)
     unpooled.update(features[:4])
-    torch.testing.assert_close(unpooled.compute()["rsm"], semantic_rsm(features[:4], kernel="rbf"))
+    torch.testing.assert_close(unpooled.rsm(), semantic_rsm(features[:4], kernel="rbf"))
 
 
+@pytest.mark.oldest
 def test_features_only_and_reset():
     features, *_ = _data(3)
     metric = SemanticRSM()
     metric.update(features)
-    assert set(metric.compute()) == {"rsm"}
+    assert metric.compute() == {}
+    assert metric.rsm().shape == (N, N)
     metric.reset()
     assert metric.features == []
     with (
@@ -129,15 +146,17 @@ def test_features_only_and_reset():
         metric.compute()
 
 
+@pytest.mark.oldest
 def test_flags_and_states():
     metric = SemanticRSM()
     assert metric.full_state_update is False
     assert metric.higher_is_better is True
-    for name in ("features", "labels", "logits"):
+    for name in ("features", "labels", "logits", "ids"):
         assert metric._reductions[name] is dim_zero_cat
         assert metric._defaults[name] == []
 
 
+@pytest.mark.oldest
 def test_plot_sorts_samples_by_label():
     features, labels, *_ = _data(6)
     metric = SemanticRSM()
@@ -146,7 +165,7 @@ def test_plot_sorts_samples_by_label():
     fig, ax = metric.plot(out)
     order = torch.sort(labels, stable=True).indices
     drawn = torch.as_tensor(ax.images[0].get_array())
-    torch.testing.assert_close(drawn, out["rsm"][order][:, order])
+    torch.testing.assert_close(drawn, metric.rsm()[order][:, order])
     assert "mAP" in ax.get_title()
     boundaries = [c for c in ax.collections if c.get_gid() == "boundaries"]
     assert [len(c.get_segments()) for c in boundaries] == [len(labels.unique()) - 1] * 2
@@ -158,6 +177,7 @@ def test_plot_sorts_samples_by_label():
     plt.close(fig)
 
 
+@pytest.mark.oldest
 def test_multi_hot_plot_order():
     features, _, multi_hot, _ = _data(7)
     metric = SemanticRSM()
@@ -170,6 +190,7 @@ def test_multi_hot_plot_order():
     plt.close(fig)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -189,6 +210,7 @@ def test_bad_options(kwargs, error, match):
         SemanticRSM(**kwargs)
 
 
+@pytest.mark.oldest
 def test_bad_updates():
     features, labels, multi_hot, logits = _data(8)
     metric = SemanticRSM()
@@ -211,6 +233,7 @@ def test_bad_updates():
         ProbabilityAgreement().update(features[:3], logits[:2])
 
 
+@pytest.mark.oldest
 def test_k_larger_than_samples_fails_on_compute():
     features, labels, *_ = _data(9)
     metric = SemanticRSM(ks=(1, N))
@@ -226,7 +249,13 @@ def test_ddp_equals_single_process_also_with_a_rank_that_saw_no_data(tmp_path, e
     if empty_rank is not None:
         shards = [shards[0] + shards[1], []] if empty_rank == 1 else [[], shards[0] + shards[1]]
     options = {"ks": (2,), "correlation": "spearman"}
-    check_metric_ddp(partial(SemanticRSM, **options), shards, partial(_scores, **options), tmp_path)
+    check_metric_ddp(
+        partial(SemanticRSM, **options),
+        shards,
+        partial(_scores, **options),
+        tmp_path,
+        _rsm_and_scores,
+    )
 
 
 def test_ddp_comparison_and_agreement_with_uneven_shards(tmp_path):
@@ -238,12 +267,31 @@ def test_ddp_comparison_and_agreement_with_uneven_shards(tmp_path):
     check_metric_ddp(partial(ProbabilityAgreement), [[], batches], _agreement, tmp_path / "agree")
 
 
+@pytest.mark.oldest
 def test_auction_tolerance_reaches_the_rsm():
     x = torch.rand(8, 4, 3, 3, generator=torch.Generator().manual_seed(3))
     metric = SemanticRSM(matcher="auction", tol=0.3)
     metric.update(x)
     expected = semantic_rsm(x, matcher="auction", tol=0.3)
-    assert torch.equal(metric.compute()["rsm"], expected)
+    assert torch.equal(metric.rsm(), expected)
     assert not torch.equal(expected, semantic_rsm(x, matcher="auction", tol=1e-6))
     with pytest.raises(ValueError, match="`tol`"):
         SemanticRSM(matcher="auction", tol=-1.0)
+
+
+@pytest.mark.oldest
+def test_ids_drop_repeated_samples_and_order_rows_by_id():
+    features, labels, _, logits = _data(12)
+    ids = torch.arange(N).flip(0)  # sample i has id N - 1 - i
+    metric = SemanticRSM()
+    metric.update(features[:8], labels[:8], logits[:8], ids=ids[:8])
+    metric.update(features[6:], labels[6:], logits[6:], ids=ids[6:])  # 6 and 7 again
+    by_id = torch.arange(N - 1, -1, -1)  # the rows in ascending id
+    expected = _scores(features[by_id], labels[by_id], logits[by_id])
+    torch.testing.assert_close(_rsm_and_scores(metric), expected)
+    with pytest.raises(TypeError, match="`ids` to have an integer dtype, but got torch.float32"):
+        metric.update(features[:2], labels[:2], logits[:2], ids=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"`ids` of shape \(2,\) to match the 2 samples"):
+        metric.update(features[:2], labels[:2], logits[:2], ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="update 3 is without `ids` and the earlier"):
+        metric.update(features[:2], labels[:2], logits[:2])
