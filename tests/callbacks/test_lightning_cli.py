@@ -57,9 +57,9 @@ def _cli(tmp_path, config):
 def test_the_callback_configures_from_yaml_with_functions_by_import_path(tmp_path):
     parsed = _cli(tmp_path, CONFIG)
     (monitor,) = [c for c in parsed.trainer.callbacks if isinstance(c, RSMMonitor)]
-    assert monitor.logits_fn is pick_logits
-    assert monitor.input_fn == 0 and monitor.label_fn == 1
-    assert isinstance(monitor.probe, ProbeDataset)
+    assert monitor.config.logits_fn is pick_logits
+    assert monitor.config.input_fn == 0 and monitor.config.label_fn == 1
+    assert isinstance(monitor.config.probe, ProbeDataset)
     parsed.trainer.fit(parsed.model)
     (row,) = monitor.history
     assert 0.0 <= row["rsm/block/semantic/map"] <= 1.0
