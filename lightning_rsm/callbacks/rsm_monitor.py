@@ -111,11 +111,13 @@ class RSMMonitor(*CALLBACK_BASES):
 
     The colour scale of a layer's heatmaps is held across evaluations so that they compare by
     colour, and changed only where holding it would blank the picture
-    (:func:`~lightning_rsm.plotting.next_colour_range`: the off-diagonal 1st-99th percentiles of
-    the first evaluation, kept while the new data's range overlaps it by half); it is saved in
-    checkpoints, so a resumed run draws as a straight one. Drawing takes well under a second an
-    evaluation for small probes (``benchmarks/README.md``); the neighbours figure is the
-    costliest of them.
+    (:func:`~lightning_rsm.plotting.next_colour_range`: the off-diagonal 1st-99th percentiles of the
+    first evaluation, kept while the new data's range overlaps it by half); it is saved in
+    checkpoints, so a resumed run draws as a straight one. Drawing costs about the same per layer at
+    any N (the neighbours figure the most) and is not counted in ``rsm/time_s``: with a small probe
+    it takes as long as the RSMs or longer (the demo, N = 120 and 3 layers, on 2 busy cores: 5.4 s
+    beside 3.8 s), with a large one a few percent (``benchmarks/README.md``). ``log_images=False``
+    skips it; with ``background=True`` it runs on the worker.
 
     Args:
         probe: the probe set, fixed for the run: a ``DataLoader`` or ``Dataset`` yielding tensors,
