@@ -66,7 +66,7 @@ def test_csv_logger_gets_flat_png_files(namespace, tmp_path, images):
     log_images([logger], images, STEP)
     folder = os.path.join(logger.log_dir, "rsm")
     assert sorted(os.listdir(folder)) == [
-        "rsm__conv__semantic__heatmap_step00000005.png",
+        "rsm__conv__heatmap_step00000005.png",
         "rsm__layer_rsa_step00000005.png",
     ]
     for tag, image in images.items():
