@@ -1,10 +1,11 @@
-r"""Sending images (RSM heatmaps) to every logger of a Trainer.
+r"""Sending images (the monitor's figures, rendered by
+:func:`~lightning_rsm.plotting.figure_to_rgb`) to every logger of a Trainer.
 
 :func:`log_images` takes the Trainer's loggers (``trainer.loggers``), a mapping of tag to RGB
 image and the step, and hands each image to each logger in the form that logger takes images.
 Loggers are recognised by their Lightning class (or a subclass of it), from ``lightning.pytorch``
 or ``pytorch_lightning`` alike. What each one receives, for a tag such as
-``rsm/conv/semantic/heatmap`` and step ``s`` (``trainer.global_step``):
+``rsm/conv/heatmap`` and step ``s`` (``trainer.global_step``):
 
 =========================  ======================================================================
 ``TensorBoardLogger``      ``logger.experiment.add_image(tag, image, global_step=s,
@@ -24,7 +25,7 @@ any other logger with a    a PNG file ``<log_dir>/rsm/<file name>`` (e.g. ``CSVL
 ``log_dir``                the file name is :func:`image_file_name`: the tag with each ``/``
                            replaced by ``__`` (any other character outside letters, digits,
                            ``. _ -`` by ``_``), then ``_step`` and the step in 8 digits:
-                           ``rsm__conv__semantic__heatmap_step00000042.png``. No sub-folders;
+                           ``rsm__conv__heatmap_step00000042.png``. No sub-folders;
                            a later image of the same tag and step overwrites the earlier one.
 any other logger           nothing, with one warning naming its class.
 =========================  ======================================================================
@@ -111,7 +112,7 @@ def image_file_name(tag: str, step: int) -> str:
     """The PNG file name of an image for loggers that get files: flat, one per tag and step.
 
     Args:
-        tag: the image's tag, e.g. ``"rsm/conv/semantic/heatmap"``.
+        tag: the image's tag, e.g. ``"rsm/conv/heatmap"``.
         step: a non-negative int.
 
     Returns:
@@ -119,8 +120,8 @@ def image_file_name(tag: str, step: int) -> str:
         digits, ``.``, ``_`` and ``-`` by ``_``, then ``_step`` and the step in 8 digits.
 
     Example:
-        >>> image_file_name("rsm/layer1.0/semantic/heatmap", 42)
-        'rsm__layer1.0__semantic__heatmap_step00000042.png'
+        >>> image_file_name("rsm/layer1.0/heatmap", 42)
+        'rsm__layer1.0__heatmap_step00000042.png'
     """
     name = re.sub(r"[^A-Za-z0-9._-]", "_", tag.replace("/", "__"))
     return f"{name}_step{step:08d}.png"
@@ -173,7 +174,7 @@ def log_images(
         loggers: the Trainer's loggers (``trainer.loggers``), from either Lightning namespace;
             any object with a ``log_dir`` gets PNG files.
         images: tag -> uint8 RGB image of shape ``(H, W, 3)`` (as made by
-            :func:`~lightning_rsm.plotting.heatmap_rgb`).
+            :func:`~lightning_rsm.plotting.figure_to_rgb`).
         step: the step the images belong to (``trainer.global_step``), a non-negative int.
         warn_once: called with each warning message, e.g. a callback's own
             ``WarningCache().warn``; default a ``WarningCache`` shared by the process.
@@ -186,12 +187,13 @@ def log_images(
     Example:
         >>> import os, tempfile, torch
         >>> from pytorch_lightning.loggers import CSVLogger
-        >>> from lightning_rsm.plotting import heatmap_rgb
+        >>> from lightning_rsm.plotting import figure_to_rgb, heatmap_figure
         >>> folder = tempfile.TemporaryDirectory()
         >>> logger = CSVLogger(folder.name, name="run")
-        >>> log_images([logger], {"rsm/conv/semantic/heatmap": heatmap_rgb(torch.eye(4), 0, 1)}, 7)
+        >>> image = figure_to_rgb(heatmap_figure({"semantic": torch.rand(4, 4)}, layer="conv"))
+        >>> log_images([logger], {"rsm/conv/heatmap": image}, 7)
         >>> os.listdir(os.path.join(logger.log_dir, "rsm"))
-        ['rsm__conv__semantic__heatmap_step00000007.png']
+        ['rsm__conv__heatmap_step00000007.png']
         >>> folder.cleanup()
     """
     checked = _check_images(images, step)
@@ -204,7 +206,7 @@ def log_images(
             adapter = _adapter(logger)  # reads `log_dir`, which may fail too
             if adapter is None:
                 warn(
-                    f"`{name}` takes no images and has no `log_dir`: RSM heatmaps are not logged "
+                    f"`{name}` takes no images and has no `log_dir`: RSM figures are not logged "
                     "to it. Images go to TensorBoard, W&B, MLflow and Comet loggers, and as PNG "
                     "files to any logger with a `log_dir`."
                 )

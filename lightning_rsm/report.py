@@ -10,31 +10,32 @@ file                                content
                                     :func:`~lightning_rsm.functional.rsm_scores` for every
                                     archived RSM, and ``rsa_to_previous`` of each layer's
                                     semantic RSM with the previous *archived* evaluation's
-``trajectories.png``                those scores against the step, a panel per score
-``rsm__<layer>__<kind>__heatmap``   each RSM of the chosen evaluation (default: the last),
-``_step<step>.png``                 samples sorted by label, as the monitor logs it
+``trajectories.png``                those scores over the evaluations, a panel per score
+                                    (:func:`~lightning_rsm.plotting.history_figure`)
+``rsm__<layer>__heatmap``           each layer's RSMs of the chosen evaluation (default: the
+``_step<step>.png``                 last), as the monitor logs them
+                                    (:func:`~lightning_rsm.plotting.heatmap_figure`, on the
+                                    evaluation's own colour scale)
 ``rsm__layer_rsa_step<step>.png``   the layer x layer RSA of that evaluation's semantic RSMs
+                                    (:func:`~lightning_rsm.plotting.rsa_figure`; 2+ layers)
 ==================================  ===========================================================
 
 The scores are computed with the same function, labels and logits as the monitor, so they equal
-the logged ones (the archive keeps the float32 RSMs the monitor scored).
+the logged ones (the archive keeps the float32 RSMs the monitor scored); the pictures are drawn
+by the monitor's own code (:func:`~lightning_rsm.plotting.evaluation_figures`).
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
-from PIL import Image
-
 from lightning_rsm.archive import archive_folder, archive_steps, load_evaluation
 from lightning_rsm.functional import compare_rsms, rsa_matrix, rsm_scores
 from lightning_rsm.image_logging import image_file_name
-from lightning_rsm.plotting import default_colour_range, rsm_images
+from lightning_rsm.plotting import evaluation_figures, figure_to_png, history_figure
 
 #: Columns of ``scores.csv``.
 SCORE_COLUMNS = ("step", "epoch", "layer", "kind", "score", "value")
@@ -61,39 +62,24 @@ def _score_rows(folder: Path, steps: Sequence[int], method: str) -> list[tuple]:
     return rows
 
 
-def trajectory_figure(rows: Sequence[tuple]) -> Figure:
-    """Scores against the step: a panel per score, a colour per layer, dashed for baselines.
-
-    Args:
-        rows: ``(step, epoch, layer, kind, score, value)`` tuples, as in ``scores.csv``.
+def as_history(rows: Sequence[tuple]) -> list[dict[str, float]]:
+    """``scores.csv`` rows as the monitor's ``history``: one dict per evaluation (in step order)
+    with ``epoch``, ``step`` and keys ``rsm/<layer>/<kind>/<score>`` (``rsm/<layer>/<score>``
+    for ``rsa_to_previous``), as :func:`~lightning_rsm.plotting.history_figure` reads them.
 
     Example:
-        >>> rows = [(10, 0, "fc", "semantic", "map", 0.5), (20, 1, "fc", "semantic", "map", 0.7)]
-        >>> trajectory_figure(rows).axes[0].get_title()
-        'map'
+        >>> rows = [(10, 0, "fc", "semantic", "map", 0.5), (20, 1, "fc", "semantic", "map", 0.7),
+        ...         (20, 1, "fc", "semantic", "rsa_to_previous", 0.9)]
+        >>> as_history(rows)[1]
+        {'epoch': 1, 'step': 20, 'rsm/fc/semantic/map': 0.7, 'rsm/fc/rsa_to_previous': 0.9}
     """
-    scores = list(dict.fromkeys(row[4] for row in rows))
-    layers = list(dict.fromkeys(row[2] for row in rows))
-    cols = min(3, len(scores))
-    grid = math.ceil(len(scores) / cols)
-    fig = Figure(figsize=(3.8 * cols + 1.6, 3.0 * grid), layout="constrained")
-    axes = fig.subplots(grid, cols, squeeze=False).flatten()
-    for ax, score in zip(axes, scores, strict=False):
-        for index, layer in enumerate(layers):
-            for kind, style in (("semantic", "-"), ("baseline", "--")):
-                points = [(r[0], r[5]) for r in rows if r[2:5] == (layer, kind, score)]
-                if points:
-                    steps, values = zip(*points, strict=True)
-                    ax.plot(steps, values, style, marker=".", color=f"C{index}",
-                            label=f"{layer} {kind}")  # fmt: skip
-        ax.set_title(score)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(scores) :]:
-        ax.set_axis_off()
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-    fig.suptitle("RSM scores per evaluation (solid: semantic, dashed: baseline)")
-    return fig
+    history: dict[int, dict[str, float]] = {}
+    for step, epoch, layer, kind, score, value in rows:
+        key = (
+            f"rsm/{layer}/{score}" if score == "rsa_to_previous" else f"rsm/{layer}/{kind}/{score}"
+        )
+        history.setdefault(step, {"epoch": epoch, "step": step})[key] = value
+    return [history[step] for step in sorted(history)]
 
 
 def write_report(
@@ -139,17 +125,17 @@ def write_report(
         csv.writer(file).writerows([SCORE_COLUMNS, *rows])
     written.append(scores_csv)
     if rows:
-        trajectory_figure(rows).savefig(out / "trajectories.png", dpi=100)
+        (out / "trajectories.png").write_bytes(figure_to_png(history_figure(as_history(rows))))
         written.append(out / "trajectories.png")
 
-    ranges = {
-        layer: default_colour_range(kernel, list(kinds.values()))
-        for layer, kinds in chosen.rsms.items()
-    }
     semantic = [kinds["semantic"] for kinds in chosen.rsms.values() if "semantic" in kinds]
     layer_rsa = rsa_matrix(semantic, method=method) if len(semantic) > 1 else None
-    for tag, image in rsm_images(chosen.rsms, chosen.labels, ranges, layer_rsa).items():
+    figures, _ = evaluation_figures(
+        chosen.rsms, chosen.labels, epoch=chosen.epoch, step=chosen.step, kernel=kernel,
+        layer_rsa=layer_rsa, method=method,
+    )  # fmt: skip
+    for tag, figure in figures.items():
         path = out / image_file_name(tag, chosen.step)
-        Image.fromarray(image).save(path)
+        path.write_bytes(figure_to_png(figure))
         written.append(path)
     return written

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,7 +39,6 @@ if __name__ == "__main__":
 
 from lightning_rsm.image_logging import log_images  # noqa: E402
 from lightning_rsm.namespaces import CALLBACK_BASES, is_fitting  # noqa: E402
-from lightning_rsm.plotting import heatmap_rgb  # noqa: E402
 
 IMAGE_TAG = "rsm/demo/heatmap"
 
@@ -61,7 +61,7 @@ class EpochRecorder(*CALLBACK_BASES):
         self.epochs.append(trainer.current_epoch)
         self.fitting.append(is_fitting(trainer))
         if self.images and trainer.is_global_zero:
-            image = heatmap_rgb(torch.eye(3), 0.0, 1.0, min_size=6)
+            image = np.full((6, 6, 3), 200, dtype=np.uint8)
             log_images(trainer.loggers, {IMAGE_TAG: image}, trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-import matplotlib
-import numpy as np
 import pytest
 import torch
 
 from lightning_rsm.demo import DigitsCNN, format_table, shifted_digits, split_probe
-from lightning_rsm.plotting import heatmap_rgb, sort_by_label
+from lightning_rsm.plotting import sort_by_label
 
 pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
 
@@ -81,23 +79,6 @@ def test_table_shows_missing_scores_as_dashes():
         "rsm/a/semantic/probability_agreement": float("nan"),
     }
     assert format_table([row], ["a"]).splitlines()[1].split() == ["2", "a", "0.500", "-", "-", "-"]
-
-
-def test_heatmap_uses_the_fixed_scale_and_clips():
-    matrix = torch.tensor([[-5.0, 0.0], [0.5, 5.0]])
-    image = heatmap_rgb(matrix, 0.0, 1.0, min_size=2)
-    cmap = matplotlib.colormaps["viridis"]
-    expected = np.round(np.array([cmap(0.0), cmap(0.0), cmap(0.5), cmap(1.0)])[:, :3] * 255)
-    np.testing.assert_array_equal(image.reshape(4, 3), expected.astype(np.uint8))
-
-
-@pytest.mark.parametrize(
-    ("matrix", "vmin", "vmax", "match"),
-    [(torch.zeros(3), 0.0, 1.0, "2D tensor"), (torch.zeros(2, 2), 1.0, 1.0, "`vmax` > `vmin`")],
-)
-def test_heatmap_rejects_bad_input(matrix, vmin, vmax, match):
-    with pytest.raises(ValueError, match=match):
-        heatmap_rgb(matrix, vmin, vmax)
 
 
 def test_sort_by_label_groups_labels_stably_also_for_multi_hot():

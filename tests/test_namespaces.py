@@ -143,7 +143,7 @@ def test_rsm_monitor_writes_images_with_each_namespace(namespace, tmp_path, load
     assert len(monitor.history) == 1
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     events.Reload()
-    assert set(events.Tags()["images"]) == {"rsm/layer/semantic/heatmap", "rsm/layer_rsa"}
+    assert set(events.Tags()["images"]) == {"rsm/layer/heatmap", "rsm/history"}
 
 
 # ---------------------------------------------------------------- one namespace hidden

@@ -19,9 +19,8 @@ def test_report_writes_scores_trajectories_heatmaps_and_layer_rsa(tmp_path, caps
     write_run(tmp_path / "run", steps=(10, 20, 30))
     out = tmp_path / "report"
     assert main(["report", str(tmp_path / "run"), "-o", str(out)]) == 0
-    assert capsys.readouterr().out == f"wrote 9 files to {out}\n"
-    heatmaps = [f"rsm__{layer}__{kind}__heatmap_step00000030.png"
-                for layer in LAYERS for kind in ("semantic", "baseline")]  # fmt: skip
+    heatmaps = [f"rsm__{layer}__heatmap_step00000030.png" for layer in LAYERS]
+    assert capsys.readouterr().out == f"wrote {3 + len(LAYERS)} files to {out}\n"
     expected = {"scores.csv", "trajectories.png", "rsm__layer_rsa_step00000030.png", *heatmaps}
     assert {path.name for path in out.iterdir()} == expected
     for name in expected - {"scores.csv"}:
@@ -50,7 +49,7 @@ def test_report_scores_are_the_functional_scores_of_the_archived_rsms(tmp_path):
 def test_report_draws_the_chosen_evaluation(tmp_path):
     write_run(tmp_path, steps=(10, 20))
     written = write_report(tmp_path, tmp_path / "by_index", evaluation=0)
-    assert "rsm__pool__semantic__heatmap_step00000010.png" in {p.name for p in written}
+    assert "rsm__pool__heatmap_step00000010.png" in {p.name for p in written}
     assert write_report(tmp_path, tmp_path / "by_step", step=10)[-1].name.endswith("00010.png")
     with pytest.raises(ValueError, match=r"archived steps \[10, 20\], but got 15"):
         write_report(tmp_path, tmp_path / "nothing", step=15)
@@ -71,5 +70,5 @@ def test_a_single_layer_archive_has_no_layer_rsa(tmp_path):
     assert names == {
         "scores.csv",
         "trajectories.png",
-        "rsm__fc__semantic__heatmap_step00000005.png",
+        "rsm__fc__heatmap_step00000005.png",
     }

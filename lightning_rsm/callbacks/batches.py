@@ -27,6 +27,10 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 #: an unannotated function by import path (``-> Tensor`` would demand the annotation).
 LogitsFn = Callable[[Any], Any]
 
+#: Maps the probe's inputs to images ``(N, 1 | 3, H, W)`` for the neighbours figure; typed
+#: ``-> Any`` for LightningCLI like ``LogitsFn``.
+ImageFn = Callable[[Any], Any]
+
 
 def describe(batch: Any) -> str:
     """A one-line description of a batch's structure, for error messages.

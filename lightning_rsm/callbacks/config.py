@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rsm.callbacks.batches import ForwardFn, LogitsFn, Picker, split_batch
+from lightning_rsm.callbacks.batches import ForwardFn, ImageFn, LogitsFn, Picker, split_batch
 from lightning_rsm.callbacks.probe import Probe, check_probe_tensors
 from lightning_rsm.functional import representations
 from lightning_rsm.functional.options import (
@@ -86,6 +86,7 @@ class MonitorConfig:
     method: str = "spearman"
     log_images: bool = True
     heatmap_range: tuple[float, float] | None = None
+    image_fn: ImageFn | None = None
     background: bool = False
     solver_threads: int | None = None
     warm_start_bytes: int = 2**28
@@ -100,6 +101,9 @@ class MonitorConfig:
             self.forward_fn, "forward_fn", "None or callable as forward_fn(model, inputs)"
         )
         _check_callable(self.logits_fn, "logits_fn", "callable or None")
+        _check_callable(
+            self.image_fn, "image_fn", "None or callable mapping the probe inputs to images"
+        )
         with as_misconfiguration():
             representations.check_token_options(self.special_tokens, self.tokens, self.token_grid)
             check_rsm_options(

@@ -1,12 +1,13 @@
 """One evaluation of :class:`~lightning_rsm.callbacks.RSMMonitor`, from the probe's features to
 the scores and pictures: the semantic RSMs (their work shared among ranks), their scores, the
-layer x layer RSA and the heatmaps.
+layer x layer RSA and the figures (:func:`~lightning_rsm.plotting.evaluation_figures`: heatmaps,
+the layer x layer RSA, nearest neighbours of image probes), rendered to RGB for the loggers.
 
 An :class:`Evaluation` holds the probe's features at one step; :meth:`Evaluator.run` turns it into
 an :class:`Outcome`. An :class:`Evaluator` holds everything the computation reads (the
-:class:`~lightning_rsm.callbacks.config.MonitorConfig`, the probe's labels, the previous
-evaluation's RSMs, the colour ranges fixed so far), taken when the evaluation is handed off, so
-nothing here reads the callback while training goes on. Nothing here knows the Trainer: the
+:class:`~lightning_rsm.callbacks.config.MonitorConfig`, the probe's labels and images, the
+previous evaluation's RSMs, the colour ranges held so far), taken when the evaluation is handed
+off, so nothing here reads the callback while training goes on. Nothing here knows the Trainer: the
 same call runs in the hook (``background=False``) and on the background worker.
 """
 
@@ -32,7 +33,7 @@ from lightning_rsm.functional import (
     semantic_rsm,
     spatio_semantic_rsm,
 )
-from lightning_rsm.plotting import default_colour_range, rsm_images
+from lightning_rsm.plotting import evaluation_figures, figure_to_rgb
 
 Rsms = dict[str, dict[str, Tensor]]  # layer -> kind ("semantic", "baseline") -> (N, N)
 Ranges = dict[str, tuple[float, float]]
@@ -57,7 +58,8 @@ class Evaluation:
 @dataclass
 class Outcome:
     """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
-    images and the colour ranges they used; or ``failure``: ``(rank, error text)``."""
+    images (tag -> uint8 RGB ``(H, W, 3)``) and the heatmaps' colour ranges to hold for the next
+    evaluation; or ``failure``: ``(rank, error text)``."""
 
     epoch: int
     step: int
@@ -95,7 +97,9 @@ class Evaluator:
         labels: the probe's labels ``(N,)`` or ``(N, L)``, or None.
         solver_threads: threads of :func:`~lightning_rsm.functional.semantic_rsm`.
         previous: the previous evaluation's semantic RSM per layer (for ``rsa_to_previous``).
-        ranges: the colour ranges fixed by earlier evaluations, per layer.
+        ranges: the heatmaps' colour ranges held from the last evaluation, per layer
+            (:func:`~lightning_rsm.plotting.next_colour_range`).
+        images: the probe as images ``(N, 1 | 3, H, W)`` for the neighbours figures, or None.
         caches: each layer's warm-start cache (exact matcher); used by one evaluation at a time.
     """
 
@@ -105,6 +109,7 @@ class Evaluator:
     previous: Mapping[str, Tensor] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
     caches: Mapping[str, AssignmentCache] = field(default_factory=dict)
+    images: Tensor | None = None
 
     def run(
         self,
@@ -132,7 +137,7 @@ class Evaluator:
         outcome.scores, outcome.rsms, outcome.layer_rsa = scored
         outcome.scores["rsm/time_s"] = evaluation.seconds + time.perf_counter() - start
         if render:
-            outcome.images, outcome.ranges = self.render(outcome.rsms, outcome.layer_rsa)
+            outcome.images, outcome.ranges = self.render(outcome)
         return outcome
 
     def semantic_rsms(
@@ -188,15 +193,22 @@ class Evaluator:
             for name, other in others.items()
         }
 
-    def render(self, rsms: Rsms, layer_rsa: Tensor | None) -> tuple[dict[str, np.ndarray], Ranges]:
-        """The heatmaps and the colour ranges they use (the callback keeps the new ones)."""
-        ranges = {layer: self.colour_range(layer, kinds) for layer, kinds in rsms.items()}
-        return rsm_images(rsms, self.labels, ranges, layer_rsa), ranges
-
-    def colour_range(self, layer: str, kinds: Mapping[str, Tensor]) -> tuple[float, float]:
-        """``heatmap_range``, or the layer's range fixed at its first evaluation."""
-        if self.config.heatmap_range is not None:
-            return self.config.heatmap_range
-        if layer in self.ranges:
-            return self.ranges[layer]
-        return default_colour_range(self.config.kernel, list(kinds.values()))
+    def render(self, outcome: Outcome) -> tuple[dict[str, np.ndarray], Ranges]:
+        """The evaluation's figures rendered to RGB, and the colour ranges to hold (the callback
+        keeps them): ``heatmap_range``, or each layer's
+        :func:`~lightning_rsm.plotting.next_colour_range` of the range held so far."""
+        n = next(iter(next(iter(outcome.rsms.values())).values())).shape[0]
+        figures, ranges = evaluation_figures(
+            outcome.rsms,
+            self.labels,
+            epoch=outcome.epoch,
+            step=outcome.log_step,  # the step a logger shows the picture at
+            previous_ranges=self.ranges,
+            heatmap_range=self.config.heatmap_range,
+            kernel=self.config.kernel,
+            layer_rsa=outcome.layer_rsa,
+            method=self.config.method,
+            images=self.images,
+            k=min(5, n - 1),
+        )
+        return {tag: figure_to_rgb(figure) for tag, figure in figures.items()}, ranges

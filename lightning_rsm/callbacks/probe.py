@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,15 @@ from lightning_rsm.functional.options import check_labels
 from lightning_rsm.functional.representations import TokenGrid, describe_token_pooling
 
 Probe = DataLoader | Dataset | tuple[Tensor, ...] | list[Tensor] | Mapping[str, Any]
+
+
+class ProbeData(NamedTuple):
+    """The probe as read once at fit start: ``inputs`` (a tensor ``(N, ...)``, or a dict/tuple
+    of them, as fed to the model) and ``labels`` (``(N,)`` class ids, ``(N, L)`` multi-hot, or
+    None), both detached."""
+
+    inputs: Any
+    labels: Tensor | None
 
 
 def first_tensor(output: Any) -> Tensor | None:

@@ -25,9 +25,11 @@ import torch
 
 from lightning_rsm.callbacks.evaluation import Outcome
 from lightning_rsm.image_logging import log_images
+from lightning_rsm.plotting import figure_to_rgb
 
 if TYPE_CHECKING:  # annotations only: the module serves lightning.pytorch too
     import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 
 def log_step(trainer: pl.Trainer, *, by_steps: bool, last_batch_counted: bool) -> int:
@@ -68,3 +70,18 @@ def report(
         logger.save()
     if outcome.images:
         log_images(trainer.loggers, outcome.images, outcome.log_step, warn_once=warn_once)
+
+
+def report_history(
+    trainer: pl.Trainer,
+    draw: Callable[[], Figure],
+    log_step: int,
+    *,
+    warn_once: Callable[[str], Any],
+) -> None:
+    """At fit end: the figure of every score over the evaluations (``draw()``) to every logger
+    that takes images, as ``rsm/history``, at ``log_step`` (the last evaluation's); drawn and
+    sent by global rank zero only, and only when there is a logger."""
+    if trainer.is_global_zero and trainer.loggers:
+        image = figure_to_rgb(draw())
+        log_images(trainer.loggers, {"rsm/history": image}, log_step, warn_once=warn_once)

@@ -13,11 +13,25 @@ from typing_extensions import override
 
 from lightning_rsm.callbacks import background as bg
 from lightning_rsm.callbacks import reporting, schedule
-from lightning_rsm.callbacks.batches import ForwardFn, LogitsFn, Picker, batch_length, slice_batch
+from lightning_rsm.callbacks.batches import (
+    ForwardFn,
+    ImageFn,
+    LogitsFn,
+    Picker,
+    batch_length,
+    slice_batch,
+)
 from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
-from lightning_rsm.callbacks.evaluation import Evaluation, Evaluator, Outcome, warm_start_caches
+from lightning_rsm.callbacks.evaluation import (
+    Evaluation,
+    Evaluator,
+    Outcome,
+    Rsms,
+    warm_start_caches,
+)
 from lightning_rsm.callbacks.probe import (
     Probe,
+    ProbeData,
     capture_layers,
     check_layer_names,
     check_targets_match_probe,
@@ -29,9 +43,11 @@ from lightning_rsm.callbacks.ranks import is_distributed, run_on_every_rank
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS, TORCH_MATCHERS
 from lightning_rsm.functional.representations import TokenGrid
 from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, rank_zero_warn
+from lightning_rsm.plotting import as_images, history_figure, neighbours_figure
 
 if TYPE_CHECKING:  # annotations only: the class serves lightning.pytorch too
     import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 
 class RSMMonitor(*CALLBACK_BASES):
@@ -47,20 +63,20 @@ class RSMMonitor(*CALLBACK_BASES):
     DDP the ranks share the RSMs' work; if any rank fails in an evaluation, every rank skips it
     with the same warning and training goes on.
 
-    Where the results go (:mod:`lightning_rsm.callbacks.reporting`), at one step per evaluation:
-    the step Lightning gives the epoch's other metrics (e.g. a ``val_loss`` logged in
+    Where the results go (:mod:`lightning_rsm.callbacks.reporting`), at one step per evaluation: the
+    step Lightning gives the epoch's other metrics (e.g. a ``val_loss`` logged in
     ``validation_step``), or with ``every_n_train_steps`` the ``trainer.global_step`` after the
     step; the scalars to every logger (``log_metrics``, whatever ``log_every_n_steps`` is), the
-    heatmaps (samples sorted by label, a colour scale fixed for the run) and the layer x layer
-    RSA to every logger that takes images (what each receives: :mod:`lightning_rsm.image_logging`),
-    written once by rank 0. As ``LearningRateMonitor`` does, the latest scores stay in
-    ``trainer.callback_metrics``, the same on every rank (no ``sync_dist`` needed, no warning
-    under DDP), so ``ModelCheckpoint``, ``EarlyStopping`` or any callback monitoring an ``rsm/``
-    key finds it from the first evaluation on, whatever its own schedule; before the first
-    evaluation the key is missing (``ModelCheckpoint`` after a validation and a strict
-    ``EarlyStopping`` then raise; otherwise they warn and skip), and between evaluations a
-    reader sees the latest score again (an ``EarlyStopping`` counts that against its
-    ``patience``), so give a reader the monitor's schedule (e.g. both ``every_n_epochs=2``).
+    figures (below) to every logger that takes images (what each receives:
+    :mod:`lightning_rsm.image_logging`), drawn and written once by rank 0. As
+    ``LearningRateMonitor`` does, the latest scores stay in ``trainer.callback_metrics``, the same
+    on every rank (no ``sync_dist`` needed, no warning under DDP), so ``ModelCheckpoint``,
+    ``EarlyStopping`` or any callback monitoring an ``rsm/`` key finds it from the first evaluation
+    on, whatever its own schedule; before the first evaluation the key is missing
+    (``ModelCheckpoint`` after a validation and a strict ``EarlyStopping`` then raise; otherwise
+    they warn and skip), and between evaluations a reader sees the latest score again (an
+    ``EarlyStopping`` counts that against its ``patience``), so give a reader the monitor's schedule
+    (e.g. both ``every_n_epochs=2``).
 
     With ``background=True`` only the probe forward runs in the hook; the RSMs, scores and images
     are computed by a worker thread while training goes on, with the same numbers as
@@ -84,7 +100,31 @@ class RSMMonitor(*CALLBACK_BASES):
                                          capture plus the worker's computation, not the wait)
     ===================================  =========================================================
 
-    Images: ``rsm/<layer>/<kind>/heatmap`` and ``rsm/layer_rsa`` (layers in the order given).
+    Logged figures (with ``log_images=True``; drawn by :mod:`lightning_rsm.plotting`, at the
+    scalars' step):
+
+    ===================================  =========================================================
+    ``rsm/<layer>/heatmap``              semantic and baseline RSM side by side, samples grouped
+                                         by label, one colour scale with its colour bar; title:
+                                         layer, epoch and step
+    ``rsm/<layer>/neighbours``           for image probes (inputs ``(N, 1 | 3, H, W)``, or any
+                                         probe with ``image_fn``): one query per class (at most
+                                         8) and its 5 nearest neighbours under each RSM, right
+                                         and wrong class marked; other probes: none, silently
+    ``rsm/layer_rsa``                    the layer x layer RSA, names and values (2+ layers)
+    ``rsm/history``                      at fit end, at the last evaluation's step: every score
+                                         over the evaluations (:meth:`plot_history`)
+    ===================================  =========================================================
+
+    The colour scale of a layer's heatmaps is held across evaluations so that they compare by
+    colour, and changed only where holding it would blank the picture
+    (:func:`~lightning_rsm.plotting.next_colour_range`: the off-diagonal 1st-99th percentiles of the
+    first evaluation, kept while the new data's range overlaps it by half); it is saved in
+    checkpoints, so a resumed run draws as a straight one. Drawing costs about the same per layer at
+    any N (the neighbours figure the most) and is not counted in ``rsm/time_s``: with a small probe
+    it takes as long as the RSMs or longer (the demo, N = 120 and 3 layers, on 2 busy cores: 5.4 s
+    beside 3.8 s), with a large one a few percent (``benchmarks/README.md``). ``log_images=False``
+    skips it; with ``background=True`` it runs on the worker.
 
     Args:
         probe: the probe set, fixed for the run: a ``DataLoader`` or ``Dataset`` yielding tensors,
@@ -135,9 +175,13 @@ class RSMMonitor(*CALLBACK_BASES):
         targets: reference RSMs ``(N, N)`` over the same probe, by name.
         method: how RSMs are compared (drift, layer x layer, targets): ``"cka"``,
             ``"kendall"``, ``"pearson"`` or ``"spearman"``.
-        log_images: send heatmaps to the Trainer's loggers.
-        heatmap_range: fixed ``(vmin, vmax)`` of the heatmaps; by default
-            :func:`~lightning_rsm.plotting.default_colour_range` of the first evaluation.
+        log_images: draw the figures (above) and send them to the Trainer's loggers (nothing is
+            drawn for a Trainer without loggers).
+        heatmap_range: fixed ``(vmin, vmax)`` of every heatmap; by default a scale from the
+            data, held across evaluations (above).
+        image_fn: maps the probe inputs (all N, as fed to the model) to images
+            ``(N, 1 | 3, H, W)`` for the neighbours figures (e.g. un-normalise, pick a key);
+            not needed when the inputs are such images. Checked at fit start.
         background: compute the RSMs, scores and images on a worker thread while training
             goes on (see above).
         solver_threads: threads that solve the RSMs' assignment problems
@@ -158,6 +202,8 @@ class RSMMonitor(*CALLBACK_BASES):
         history: one dict per evaluation: ``epoch``, ``step`` (``trainer.global_step`` when its
             features were taken) and the logged scalars, in the order of the evaluations.
         layer_rsa: the last evaluation's layer x layer RSA matrix ``(L, L)``.
+        rsms: the last evaluation's RSMs (read-only copies).
+        probe: the probe's inputs and labels, as read at fit start.
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
@@ -171,7 +217,8 @@ class RSMMonitor(*CALLBACK_BASES):
         RuntimeError: At fit start, if the model fails on a probe batch (the message says how it
             was called and names ``forward_fn``).
         ValueError: If the probe or a target has a bad shape (at construction for tensors, at
-            fit start for loaders), or, at fit start, a layer's output is not a representation.
+            fit start for loaders), or, at fit start, a layer's output is not a representation
+            or ``image_fn`` does not return images ``(N, 1 | 3, H, W)``.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -221,6 +268,7 @@ class RSMMonitor(*CALLBACK_BASES):
         method: str = "spearman",
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
+        image_fn: ImageFn | None = None,
         background: bool = False,
         solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
@@ -231,10 +279,12 @@ class RSMMonitor(*CALLBACK_BASES):
         self.layer_rsa: Tensor | None = None
         self._last_epoch = -1
         self._last_step = -1
-        self._previous: dict[str, Tensor] = {}  # the last semantic RSMs, for rsa_to_previous
+        self._rsms: Rsms = {}  # the last RSMs (semantic: for rsa_to_previous)
         self._ranges: dict[str, tuple[float, float]] = {}  # heatmap colour ranges, per layer
+        self._log_step = 0  # the last evaluation's log step, for `rsm/history` at fit end
         self._inputs: Any = None  # a tensor (N, ...), or a dict/tuple of them
         self._labels: Tensor | None = None
+        self._images: Tensor | None = None  # the probe as images (N, 1 | 3, H, W), or None
         self._use_logits = True
         self._warnings = WarningCache()
         self._background: bg.Background | None = None
@@ -249,6 +299,64 @@ class RSMMonitor(*CALLBACK_BASES):
     def layers(self) -> list[str]:
         """The monitored layers, in the order given."""
         return list(self.config.layers)
+
+    @property
+    def rsms(self) -> dict[str, dict[str, Tensor]]:
+        """The last evaluation's RSMs, ``{layer: {kind: (N, N)}}`` (float32, CPU; copies), the
+        matrices its scores were computed from. Empty before the first evaluation; after a
+        resume, until the next evaluation, the checkpoint's semantic RSMs only."""
+        return {
+            layer: {kind: rsm.clone() for kind, rsm in kinds.items()}
+            for layer, kinds in self._rsms.items()
+        }
+
+    @property
+    def probe(self) -> ProbeData | None:
+        """The probe the RSMs are computed on, read at fit start: ``(inputs, labels)`` (inputs
+        as fed to the model, labels ``(N,)``/``(N, L)`` or None), in the RSMs' sample order;
+        None before fit start. Not to be changed in place."""
+        return None if self._inputs is None else ProbeData(self._inputs, self._labels)
+
+    def plot_history(self) -> Figure:
+        """Every score of :attr:`history` over the evaluations, a panel per score, a colour per
+        layer, semantic solid and baseline dashed
+        (:func:`~lightning_rsm.plotting.history_figure`); the figure logged as ``rsm/history``.
+
+        Raises:
+            ValueError: If there has been no evaluation yet.
+        """
+        return history_figure(self.history, layers=self.layers)
+
+    def plot_neighbours(
+        self, layer: str, *, queries: Sequence[int] | None = None, k: int = 5
+    ) -> Figure:
+        """What ``layer`` called similar at the last evaluation: query images and their top-``k``
+        neighbours under each of its :attr:`rsms`
+        (:func:`~lightning_rsm.plotting.neighbours_figure`).
+
+        Args:
+            layer: a monitored layer.
+            queries: sample indices of the probe; default one per class, at most 8.
+            k: neighbours per query and RSM, at most ``N - 1``.
+
+        Raises:
+            ValueError: If ``layer`` has no RSM yet, or the probe inputs are not images
+                ``(N, 1 | 3, H, W)`` and no ``image_fn`` was given.
+        """
+        if layer not in self._rsms:
+            raise ValueError(
+                f"Expected `layer` to be a monitored layer with an evaluation, one of "
+                f"{sorted(self._rsms)}, but got {layer!r}."
+            )
+        if self._images is None:
+            raise ValueError(
+                "Expected the probe inputs to be images (N, 1 | 3, H, W), or an `image_fn` "
+                "that makes them images, but got neither."
+            )
+        return neighbours_figure(
+            self._rsms[layer], self._images, self._labels, queries=queries, k=k, layer=layer,
+            epoch=int(self.history[-1]["epoch"]), step=self._log_step,
+        )  # fmt: skip
 
     @property
     @override
@@ -293,6 +401,10 @@ class RSMMonitor(*CALLBACK_BASES):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deliver_finished(trainer, wait=True)
+        if self.config.log_images and self.history:
+            reporting.report_history(
+                trainer, self.plot_history, self._log_step, warn_once=self._warnings.warn
+            )
 
     @override
     def on_exception(
@@ -311,8 +423,9 @@ class RSMMonitor(*CALLBACK_BASES):
             "history": [dict(row) for row in self.history],
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
-            "previous": dict(self._previous),
+            "previous": {layer: kinds["semantic"] for layer, kinds in self._rsms.items()},
             "ranges": {layer: list(r) for layer, r in self._ranges.items()},
+            "log_step": self._log_step,
             "pending": pending,
         }
 
@@ -321,8 +434,9 @@ class RSMMonitor(*CALLBACK_BASES):
         self.history = [dict(row) for row in state_dict["history"]]
         self._last_epoch = state_dict["last_epoch"]
         self._last_step = state_dict.get("last_step", -1)
-        self._previous = dict(state_dict["previous"])
+        self._rsms = {layer: {"semantic": rsm} for layer, rsm in state_dict["previous"].items()}
         self._ranges = {layer: (r[0], r[1]) for layer, r in state_dict["ranges"].items()}
+        self._log_step = state_dict.get("log_step", 0)
         self._to_recapture = [dict(p) for p in state_dict.get("pending", [])]
 
     # ------------------------------------------------------------------ the probe
@@ -334,6 +448,7 @@ class RSMMonitor(*CALLBACK_BASES):
             check_layer_names(pl_module, config.layers)
         with untouched(pl_module):
             self._inputs, self._labels = self._read_probe(trainer)
+        self._images = as_images(self._inputs, config.image_fn)
         check_targets_match_probe(config.targets, batch_length(self._inputs))
         if self._labels is None:
             self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
@@ -442,11 +557,12 @@ class RSMMonitor(*CALLBACK_BASES):
             self.config,
             self._labels,
             self._solver_threads,
-            previous=dict(self._previous),
+            previous={layer: kinds["semantic"] for layer, kinds in self._rsms.items()},
             ranges=dict(self._ranges),
             caches=self._caches,
+            images=self._images,
         )
-        render = self.config.log_images and trainer.is_global_zero
+        render = self.config.log_images and trainer.is_global_zero and bool(trainer.loggers)
         if self._background is not None:
             self._background.submit(evaluation, lambda e, group: evaluator.run(e, group, render))
             return
@@ -455,15 +571,16 @@ class RSMMonitor(*CALLBACK_BASES):
         self._deliver(trainer, outcome)
 
     def _deliver(self, trainer: pl.Trainer, outcome: Outcome) -> None:
-        """On the training thread: a warning, or the RSMs kept for the next drift and colour
-        ranges, then :func:`~lightning_rsm.callbacks.reporting.report`."""
+        """On the training thread: a warning, or the RSMs kept (for :attr:`rsms` and the next
+        drift) and the colour ranges held, then
+        :func:`~lightning_rsm.callbacks.reporting.report`."""
         if outcome.failure is not None:
             self._warn_failed(trainer, outcome.epoch, outcome.failure)
             return
-        self._previous = {layer: kinds["semantic"] for layer, kinds in outcome.rsms.items()}
+        self._rsms, self._log_step = outcome.rsms, outcome.log_step
         self.layer_rsa = outcome.layer_rsa
         if self.config.heatmap_range is None:
-            self._ranges = {**outcome.ranges, **self._ranges}
+            self._ranges.update(outcome.ranges)  # none when not drawn (another rank, no images)
         reporting.report(trainer, outcome, self.history, warn_once=self._warnings.warn)
 
     def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:

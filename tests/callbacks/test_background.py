@@ -74,7 +74,7 @@ def test_a_fit_stopped_unannounced_waits_for_the_last_evaluation_at_its_end(data
     ]
     # each at the step of its epoch's last batch, as Lightning logs epoch metrics
     assert logged == [(h["epoch"], h["step"] - 1, h[key]) for h in monitor.history]
-    assert csv_image_steps(logger.log_dir, "rsm/conv/semantic/heatmap") == [2, 5]
+    assert csv_image_steps(logger.log_dir, "rsm/conv/heatmap") == [2, 5]
 
 
 # ------------------------------------------------------------------ step schedule, any batch

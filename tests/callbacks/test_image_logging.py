@@ -9,13 +9,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_rsm import namespaces
 from lightning_rsm.image_logging import image_file_name, log_images
-from lightning_rsm.plotting import heatmap_rgb
 
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 STEP = 5
@@ -29,8 +27,8 @@ def loggers_of(namespace: str):
 def images() -> dict[str, np.ndarray]:
     """Two heatmaps that differ, tagged as RSMMonitor tags them."""
     return {
-        "rsm/conv/semantic/heatmap": heatmap_rgb(torch.eye(3), 0.0, 1.0, min_size=6),
-        "rsm/layer_rsa": heatmap_rgb(torch.rand(2, 2), 0.0, 1.0, min_size=4),
+        "rsm/conv/heatmap": np.full((6, 6, 3), 200, dtype=np.uint8),
+        "rsm/layer_rsa": np.arange(48, dtype=np.uint8).reshape(4, 4, 3),
     }
 
 
@@ -70,7 +68,7 @@ def test_csv_logger_gets_flat_png_files(namespace, tmp_path, images):
     log_images([logger], images, STEP)
     folder = os.path.join(logger.log_dir, "rsm")
     assert sorted(os.listdir(folder)) == [
-        "rsm__conv__semantic__heatmap_step00000005.png",
+        "rsm__conv__heatmap_step00000005.png",
         "rsm__layer_rsa_step00000005.png",
     ]
     for tag, image in images.items():
@@ -187,7 +185,7 @@ def test_logger_without_images_or_log_dir_is_skipped_with_a_warning(namespace, i
     warnings = Warnings()
     log_images([MetricsOnly()], images, STEP, warn_once=warnings)
     assert warnings == [
-        "`MetricsOnly` takes no images and has no `log_dir`: RSM heatmaps are not logged to it. "
+        "`MetricsOnly` takes no images and has no `log_dir`: RSM figures are not logged to it. "
         "Images go to TensorBoard, W&B, MLflow and Comet loggers, and as PNG files to any logger "
         "with a `log_dir`."
     ]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
 
-KEY, IMAGE = "rsm/conv/semantic/map", "rsm/conv/semantic/heatmap"
+KEY, IMAGE = "rsm/conv/semantic/map", "rsm/conv/heatmap"
 
 
 class EpochLossNet(TinyNet):

@@ -349,14 +349,18 @@ def test_state_dict_round_trip(probe):
     monitor = RSMMonitor(probe, ["conv"])
     monitor.history = [{"epoch": 0, "step": 3, "rsm/conv/semantic/map": 0.5}]
     monitor._last_epoch = 0
-    monitor._previous = {"conv": torch.eye(12)}
+    monitor._rsms = {"conv": {"semantic": torch.eye(12), "baseline": torch.eye(12) / 2}}
     monitor._ranges = {"conv": (0.0, 1.0)}
+    monitor._log_step = 2
     other = RSMMonitor(probe, ["conv"])
     other.load_state_dict(monitor.state_dict())
     assert other.history == monitor.history
     assert other._last_epoch == 0
-    assert torch.equal(other._previous["conv"], torch.eye(12))
+    # the semantic RSMs (drift's reference) travel; the baseline is not needed for a resume
+    assert other.rsms.keys() == {"conv"} and other.rsms["conv"].keys() == {"semantic"}
+    assert torch.equal(other.rsms["conv"]["semantic"], torch.eye(12))
     assert other._ranges == {"conv": (0.0, 1.0)}
+    assert other._log_step == 2
     assert other.state_key == "RSMMonitor{'layers': ('conv',), 'kernel': 'cosine'}"
 
 

@@ -67,7 +67,8 @@ def test_ddp_two_gloo_processes_log_the_one_process_scores_and_images_once(
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     events.Reload()
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
-    assert len(events.Images("rsm/conv/semantic/heatmap")) == 2  # one per epoch, not per rank
+    assert len(events.Images("rsm/conv/heatmap")) == 2  # one per epoch, not per rank
+    assert len(events.Images("rsm/history")) == 1  # at fit end, once
 
 
 class PoisonedOnRankOne(TinyNet):

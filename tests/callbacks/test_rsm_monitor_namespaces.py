@@ -85,11 +85,13 @@ def test_images_reach_the_namespace_loggers(ns, loader, probe, tmp_path):
     trainer.fit(tiny(), loader)
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
-    assert set(events.Tags()["images"]) == {"rsm/conv/semantic/heatmap", "rsm/layer_rsa"}
+    tags = {"rsm/conv/heatmap", "rsm/conv/neighbours", "rsm/history"}
+    assert set(events.Tags()["images"]) == tags
     pngs = sorted(p.name for p in (tmp_path / "csv" / "rsm").iterdir())
     assert pngs == [  # 3 batches: the step of the epoch's last batch, as its epoch metrics
-        "rsm__conv__semantic__heatmap_step00000002.png",
-        "rsm__layer_rsa_step00000002.png",
+        "rsm__conv__heatmap_step00000002.png",
+        "rsm__conv__neighbours_step00000002.png",
+        "rsm__history_step00000002.png",
     ]
     assert Image.open(tmp_path / "csv" / "rsm" / pngs[0]).size[0] >= 256
 

@@ -57,7 +57,7 @@ def test_token_layers_keep_the_cls_token_out_of_pooled_patches(tmp_path):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             fit(TinyViT(), loader, monitor, tmp_path)
-        runs[tokens] = monitor.history[-1], monitor._previous["encoder"]
+        runs[tokens] = monitor.history[-1], monitor.rsms["encoder"]["semantic"]
         pooled = [str(w.message) for w in record if "'encoder' has 101 tokens" in str(w.message)]
         if tokens == "special":
             assert pooled == []
