@@ -261,10 +261,16 @@ class Background:
         label = (
             f"RSMMonitor: waiting for the evaluation of epoch {pending.epoch} (step {pending.step})"
         )
-        bar = tqdm(desc=label, bar_format="{desc}, {elapsed}", leave=False, disable=not progress)
+        bar = tqdm(
+            desc=label,
+            bar_format="{desc}, {elapsed}",
+            leave=False,
+            mininterval=1.0,
+            disable=not progress,
+        )
         with bar:
             while not wait_for([pending.future], timeout=WAIT_SLICE_S).done:
-                bar.refresh()
+                bar.update(0)  # redrawn at most once a second
         return time.perf_counter() - start
 
     def finished(self, wait: bool = False) -> Outcome | None:
