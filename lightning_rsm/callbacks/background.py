@@ -28,19 +28,25 @@ Two evaluations are waited for in their own hook: the first of a fit when a call
 checkpoint saved while an evaluation runs on features of the checkpoint's own step stores where
 it was taken, not the features; at resume the probe is run again on the restored weights
 (checked against a :func:`fingerprint`; a mismatch is a warning) and the evaluation computed
-then. An exception in training stops the worker (a running evaluation ends unwaited and is
-dropped); a failure on the worker is a warning. On CUDA the ``"auction"`` and ``"greedy"``
-matchers run on the device in a stream of the worker's own (:func:`worker_stream`); the scipy
-matchers work on CPU copies (whose float32 matmuls may round differently from the synchronous
-path's on the GPU). No progress bar is shown. Nothing in this module imports Lightning.
+then. Training waits in short slices (:meth:`Background.wait`), so Ctrl-C gets through at once,
+with a progress line while it waits. An exception in training (Ctrl-C included) cancels the
+running evaluation at its next block of pairs (the ``should_stop`` of
+:func:`~lightning_rsm.functional.semantic_rsm`) and joins the worker, bounded by
+``JOIN_TIMEOUT_S``; the monitor names the evaluation that was not finished. A failure on the
+worker is a warning. On CUDA the ``"auction"`` and ``"greedy"`` matchers run on the device in a
+stream of the worker's own (:func:`worker_stream`); the scipy matchers work on CPU copies (whose
+float32 matmuls may round differently from the synchronous path's on the GPU). Nothing in this
+module imports Lightning.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -48,10 +54,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lightning_rsm.callbacks.evaluation import Evaluation, Outcome
 
 T = TypeVar("T")
+WAIT_SLICE_S = 0.1  # training waits for the worker in slices this long: signals get through
+JOIN_TIMEOUT_S = 30.0  # at most this long for a cancelled evaluation to reach a block's end
 
 
 @dataclass
@@ -129,6 +138,7 @@ class Worker:
         >>> worker.submit(lambda: 6 * 7).result()
         42
         >>> worker.stop()
+        True
     """
 
     def __init__(self, threads: int, name: str = "lightning_rsm-monitor") -> None:
@@ -149,14 +159,14 @@ class Worker:
         self._queue.put((future, function))
         return future
 
-    def stop(self, join: bool = False) -> None:
-        """Cancel what has not started; the running function (if any) ends on the daemon
-        thread, unwaited, and its result is dropped. With ``join`` (only when nothing runs),
-        return once the thread has ended. Safe to call twice."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Cancel what has not started and let the running function (if any) end; wait up to
+        ``timeout`` seconds (None: as long as it takes) for the thread to end. Whether it has
+        ended. Safe to call twice."""
         self._stopped.set()
         self._queue.put(None)
-        if join:
-            self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self, threads: int) -> None:
         torch.set_num_threads(threads)
@@ -192,6 +202,7 @@ class Background:
         self.group = dist.new_group(backend="gloo") if distributed else None
         self.keep_on_cuda = keep_on_cuda
         self.pending: Pending | None = None
+        self._cancel = threading.Event()  # asked by the running evaluation between blocks
         self._worker = Worker(threads)
 
     @property
@@ -199,9 +210,12 @@ class Background:
         """What the worker passes as ``distributed``: its group, or False."""
         return self.group if self.group is not None else False
 
-    def submit(self, evaluation: Evaluation, compute: Callable[[Evaluation, Any], Outcome]) -> None:
-        """Start ``compute(evaluation, self.distributed)`` on the worker (without gradients,
-        on a stream of its own for CUDA features).
+    def submit(
+        self, evaluation: Evaluation, compute: Callable[[Evaluation, Any, Callable], Outcome]
+    ) -> None:
+        """Start ``compute(evaluation, self.distributed, should_stop)`` on the worker (without
+        gradients, on a stream of its own for CUDA features); ``should_stop`` turns True when
+        :meth:`close` cancels it.
 
         Raises:
             RuntimeError: If an evaluation is still pending (take it with :meth:`finished`).
@@ -215,19 +229,58 @@ class Background:
 
         def run() -> Outcome:
             with torch.no_grad(), worker_stream(evaluation):
-                return compute(evaluation, self.distributed)
+                return compute(evaluation, self.distributed, self._cancel.is_set)
 
         future = self._worker.submit(run)
         self.pending = Pending(
             evaluation.epoch, evaluation.step, evaluation.log_step, prints, future
         )
 
-    def finished(self, wait: bool = False) -> Outcome | None:
-        """The pending evaluation's outcome once it has finished (with ``wait``, once it does),
-        and it is no longer pending; None if there is none or it is still running. An exception
-        on the worker comes back as a failed outcome of rank 0."""
+    @property
+    def busy(self) -> bool:
+        """Whether an evaluation is pending and still running."""
+        return self.pending is not None and not self.pending.future.done()
+
+    def wait(self, progress: bool = False) -> float:
+        """Return once the pending evaluation (if any) has finished, waiting in slices of
+        ``WAIT_SLICE_S`` so that signals (Ctrl-C) get through; with ``progress``, a tqdm line
+        "RSMMonitor: waiting for the evaluation of epoch E (step S)" while it waits (closed
+        afterwards). The seconds waited.
+
+        Example:
+            >>> background = Background(distributed=False, threads=1, keep_on_cuda=False)
+            >>> background.wait()
+            0.0
+            >>> background.close() is None
+            True
+        """
         pending = self.pending
-        if pending is None or not (wait or pending.future.done()):
+        if pending is None or pending.future.done():
+            return 0.0
+        start = time.perf_counter()
+        label = (
+            f"RSMMonitor: waiting for the evaluation of epoch {pending.epoch} (step {pending.step})"
+        )
+        bar = tqdm(
+            desc=label,
+            bar_format="{desc}, {elapsed}",
+            leave=False,
+            mininterval=1.0,
+            disable=not progress,
+        )
+        with bar:
+            while not wait_for([pending.future], timeout=WAIT_SLICE_S).done:
+                bar.update(0)  # redrawn at most once a second
+        return time.perf_counter() - start
+
+    def finished(self, wait: bool = False) -> Outcome | None:
+        """The pending evaluation's outcome once it has finished (with ``wait``, once it does:
+        :meth:`wait`), and it is no longer pending; None if there is none or it is still
+        running. An exception on the worker comes back as a failed outcome of rank 0."""
+        if wait:
+            self.wait()
+        pending = self.pending
+        if pending is None or not pending.future.done():
             return None
         self.pending = None
         try:
@@ -236,13 +289,16 @@ class Background:
             failure = (0, f"{type(error).__name__}: {error}")
             return Outcome(pending.epoch, pending.step, pending.log_step, failure=failure)
 
-    def close(self) -> None:
-        """Stop the worker and drop the pending evaluation; wait for the thread to end only
-        when nothing runs on it. The group is destroyed only then too (a running evaluation may
-        be inside one of its collectives); otherwise it goes with the default group."""
-        idle = self.pending is None or self.pending.future.done()
-        self._worker.stop(join=idle)
-        self.pending = None
-        if self.group is not None and idle and dist.is_initialized():
+    def close(self) -> Pending | None:
+        """Cancel the running evaluation at its next block of pairs, stop the worker and wait
+        for its thread to end (at most ``JOIN_TIMEOUT_S``); the pending evaluation is dropped
+        and returned (None if there was none). The group is destroyed only once the thread has
+        ended (a running evaluation may be inside one of its collectives); otherwise it goes
+        with the default group."""
+        dropped, self.pending = self.pending, None
+        self._cancel.set()
+        ended = self._worker.stop(timeout=JOIN_TIMEOUT_S)
+        if self.group is not None and ended and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self.group = None
+        return dropped

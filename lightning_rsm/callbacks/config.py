@@ -30,6 +30,8 @@ from lightning_rsm.functional.options import (
 from lightning_rsm.functional.representations import TokenGrid
 from lightning_rsm.namespaces import MisconfigurationException
 
+WHEN_BUSY = ("wait", "skip")  # what a due evaluation does while the worker is still busy
+
 
 @contextmanager
 def as_misconfiguration() -> Iterator[None]:
@@ -90,6 +92,7 @@ class MonitorConfig:
     background: bool = False
     solver_threads: int | None = None
     warm_start_bytes: int = 2**28
+    when_busy: str = "wait"
 
     def __post_init__(self) -> None:
         self._set("layers", _checked_layers(self.layers))
@@ -115,6 +118,7 @@ class MonitorConfig:
             _check_bool(getattr(self, name), name)
         _check_int(self.solver_threads, "solver_threads", 1, optional=True)
         _check_int(self.warm_start_bytes, "warm_start_bytes", 0)
+        self._check_when_busy()
         self._set("heatmap_range", _checked_heatmap_range(self.heatmap_range))
         _check_probe(self.probe, self.input_fn, self.label_fn)
         self._set("targets", _checked_targets(self.targets))
@@ -126,6 +130,16 @@ class MonitorConfig:
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen dataclass on creation
+
+    def _check_when_busy(self) -> None:
+        """``"wait"`` or ``"skip"``; skipping needs a worker that can be busy."""
+        with as_misconfiguration():
+            check_choice(self.when_busy, WHEN_BUSY, "when_busy")
+        if self.when_busy == "skip" and not self.background:
+            raise MisconfigurationException(
+                "Expected `when_busy='skip'` only with `background=True` (evaluations run "
+                "inline otherwise, and the worker is never busy), but got background=False."
+            )
 
     def _checked_schedule(self) -> int | None:
         """``every_n_epochs``, 1 when neither it nor ``every_n_train_steps`` is given."""

@@ -14,7 +14,7 @@ same call runs in the hook (``background=False``) and on the background worker.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,15 +117,18 @@ class Evaluator:
         distributed: bool | dist.ProcessGroup = False,
         render: bool = True,
         progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Outcome:
         """The RSMs (shared among ranks), then scores, then images (``render``); each step ends
         with the ranks agreeing that it worked, so a fault on one rank never strands the
-        others; a failure comes back in the outcome."""
+        others; a failure comes back in the outcome (also a cancellation: ``should_stop``
+        turning True stops the RSMs at their next block of pairs)."""
         start = time.perf_counter()
         features, logits = evaluation.features, evaluation.logits
         outcome = Outcome(evaluation.epoch, evaluation.step, evaluation.log_step)
         semantic, outcome.failure = run_on_every_rank(
-            lambda: self.semantic_rsms(features, distributed, progress), distributed=distributed
+            lambda: self.semantic_rsms(features, distributed, progress, should_stop),
+            distributed=distributed,
         )
         if outcome.failure is not None:
             return outcome
@@ -141,9 +144,14 @@ class Evaluator:
         return outcome
 
     def semantic_rsms(
-        self, features: Mapping[str, Tensor], distributed: bool | dist.ProcessGroup, progress: bool
+        self,
+        features: Mapping[str, Tensor],
+        distributed: bool | dist.ProcessGroup,
+        progress: bool,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Tensor]:
-        """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``."""
+        """The semantic RSM of each layer; a bar of pairs solved per layer when ``progress``;
+        :class:`~lightning_rsm.functional.RSMCancelled` once ``should_stop`` returns True."""
         config = self.config
         return {
             layer: semantic_rsm(
@@ -157,6 +165,7 @@ class Evaluator:
                 distributed=distributed,
                 progress=progress and f"RSMMonitor {layer}",
                 warm_start=self.caches.get(layer),
+                should_stop=should_stop,
             )
             for layer, concepts in features.items()
         }

@@ -22,6 +22,7 @@ from lightning_rsm.callbacks.batches import (
     slice_batch,
 )
 from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
+from lightning_rsm.callbacks.costs import Measured, Settings, cost_advice, worker_has_a_core
 from lightning_rsm.callbacks.evaluation import (
     Evaluation,
     Evaluator,
@@ -41,6 +42,7 @@ from lightning_rsm.callbacks.probe import (
 from lightning_rsm.callbacks.probe_selection import select_probe, validation_loader
 from lightning_rsm.callbacks.ranks import is_distributed, run_on_every_rank
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS, TORCH_MATCHERS
+from lightning_rsm.functional.pairs import available_cpus
 from lightning_rsm.functional.representations import TokenGrid
 from lightning_rsm.namespaces import CALLBACK_BASES, WarningCache, rank_zero_warn
 from lightning_rsm.plotting import as_images, history_figure, neighbours_figure
@@ -83,8 +85,19 @@ class RSMMonitor(*CALLBACK_BASES):
     ``background=False``, bit for bit, the same history and the same logger steps. The scores
     reach ``trainer.callback_metrics`` when the worker has finished (after a later batch or
     epoch end; the first evaluation when an ``rsm/`` key is monitored and the last one are
-    waited for), so a reader sees them late. The whole contract (checkpoints, exceptions, DDP,
-    CUDA): :mod:`lightning_rsm.callbacks.background`.
+    waited for), so a reader sees them late. While training waits for the worker, a progress line
+    says so (rank 0, with the Trainer's progress bar on). Ctrl-C or an exception in training
+    cancels a running evaluation at its next block of pairs, with a warning naming its epoch and
+    step, and leaves no thread behind. The whole contract (checkpoints, exceptions, DDP, CUDA):
+    :mod:`lightning_rsm.callbacks.background`.
+
+    What it costs: from the second evaluation on, the monitor compares the time it holds training
+    up (probe forward, plus the RSMs when synchronous or the wait for the worker) with the
+    training time between two evaluations; above a quarter it warns once per fit with the
+    measured times and the ``every_n_*``, probe size, ``max_positions`` (and ``background=True``
+    where a core is free) that would bring it under (:mod:`lightning_rsm.callbacks.costs`).
+    ``background=True`` where the worker has no core of its own (training on the CPU with every
+    core in use) warns at fit start.
 
     Logged scalars (``<layer>`` as in ``model.named_modules()``, ``<kind>`` is ``semantic`` or,
     with ``baseline=True``, ``baseline``; ``<score>`` a key of ``rsm_scores``: ``map``,
@@ -195,6 +208,12 @@ class RSMMonitor(*CALLBACK_BASES):
             equally by the layers; pairs beyond it are solved cold; 0 turns it off. Only
             ``matcher="exact"``; not stored in checkpoints (the first evaluation after a
             resume is cold).
+        when_busy: what a due evaluation does while the background worker still computes the
+            previous one: ``"wait"`` (the default: every evaluation is computed, the history is
+            the same as synchronously) or ``"skip"`` (training never waits; the skipped
+            evaluations are not in the history nor logged, are listed in :attr:`skipped` and
+            named in one warning at the fit's end; the evaluations of the fit's last epoch are
+            always waited for). Only with ``background=True``.
 
     Attributes:
         config: the options, checked (:class:`~lightning_rsm.callbacks.config.MonitorConfig`).
@@ -204,6 +223,8 @@ class RSMMonitor(*CALLBACK_BASES):
         layer_rsa: the last evaluation's layer x layer RSA matrix ``(L, L)``.
         rsms: the last evaluation's RSMs (read-only copies).
         probe: the probe's inputs and labels, as read at fit start.
+        skipped: this fit's evaluations skipped with ``when_busy="skip"``: ``epoch`` and
+            ``step`` each.
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
@@ -272,6 +293,7 @@ class RSMMonitor(*CALLBACK_BASES):
         background: bool = False,
         solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
+        when_busy: str = "wait",
     ) -> None:
         options = {name: value for name, value in locals().items() if name != "self"}
         self.config = MonitorConfig(**options)  # every argument above, checked there
@@ -294,6 +316,8 @@ class RSMMonitor(*CALLBACK_BASES):
             self.config.layers, self.config.matcher, self.config.warm_start_bytes
         )
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
+        self._measured = Measured()  # this fit's costs, for the one cost warning
+        self.skipped: list[dict[str, int]] = []  # this fit's evaluations skipped (when_busy)
 
     @property
     def layers(self) -> list[str]:
@@ -368,6 +392,7 @@ class RSMMonitor(*CALLBACK_BASES):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._measured, self.skipped = Measured(), []
             self._start_background(trainer)
 
     @override
@@ -378,6 +403,7 @@ class RSMMonitor(*CALLBACK_BASES):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule.check_score_readers(self.config, trainer)
+        self._measured.start = time.perf_counter()
         if self.config.probe is None:
             self._prepare_probe(trainer, pl_module)
         self._recapture_pending(trainer, pl_module)
@@ -405,12 +431,13 @@ class RSMMonitor(*CALLBACK_BASES):
             reporting.report_history(
                 trainer, self.plot_history, self._log_step, warn_once=self._warnings.warn
             )
+        self._warn_skipped()
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._stop_background()
+        self._stop_background(reason=type(exception).__name__)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -522,6 +549,8 @@ class RSMMonitor(*CALLBACK_BASES):
         if not schedule.is_due(self.config, trainer, after_step=after_step, **last):
             return
         self._last_epoch, self._last_step = trainer.current_epoch, trainer.global_step
+        if self._skip_while_busy(trainer):
+            return
         self._deliver_finished(trainer, wait=True)  # at most one evaluation pending
         log_step = reporting.log_step(
             trainer, by_steps=self.config.by_steps, last_batch_counted=last_batch_counted
@@ -547,6 +576,8 @@ class RSMMonitor(*CALLBACK_BASES):
             captured = trainer.strategy.broadcast(captured, src=0)
         features, logits = captured
         seconds = time.perf_counter() - start
+        self._measured.captures += 1
+        self._measured.capture_s += seconds
         epoch, step = trainer.current_epoch, trainer.global_step
         return Evaluation(epoch, step, features, logits, seconds, log_step=log_step)
 
@@ -564,9 +595,11 @@ class RSMMonitor(*CALLBACK_BASES):
         )
         render = self.config.log_images and trainer.is_global_zero and bool(trainer.loggers)
         if self._background is not None:
-            self._background.submit(evaluation, lambda e, group: evaluator.run(e, group, render))
+            self._background.submit(
+                evaluation, lambda e, group, stop: evaluator.run(e, group, render, should_stop=stop)
+            )
             return
-        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        progress = _shows_progress(trainer)
         outcome = evaluator.run(evaluation, is_distributed(trainer), render, progress)
         self._deliver(trainer, outcome)
 
@@ -582,6 +615,9 @@ class RSMMonitor(*CALLBACK_BASES):
         if self.config.heatmap_range is None:
             self._ranges.update(outcome.ranges)  # none when not drawn (another rank, no images)
         reporting.report(trainer, outcome, self.history, warn_once=self._warnings.warn)
+        self._measured.deliveries += 1
+        self._measured.evaluation_s += outcome.scores["rsm/time_s"]
+        self._warn_cost(trainer)
 
     def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:
         rank, error = failure
@@ -591,7 +627,42 @@ class RSMMonitor(*CALLBACK_BASES):
             f"goes on. {error}"
         )
 
+    def _warn_cost(self, trainer: pl.Trainer) -> None:
+        """Once per fit, from the second evaluation on: the warning of
+        :func:`~lightning_rsm.callbacks.costs.cost_advice` when monitoring adds more than a
+        quarter to training time."""
+        measured, config = self._measured, self.config
+        if measured.warned or measured.deliveries < 2:
+            return
+        capture = measured.capture_s / measured.captures
+        compute = max(measured.evaluation_s / measured.deliveries - capture, 0.0)
+        blocked = measured.capture_s + measured.wait_s
+        if not config.background:
+            blocked = measured.evaluation_s
+        training = time.perf_counter() - measured.start - blocked
+        settings = Settings(
+            probe_size=batch_length(self._inputs),
+            probe_given=config.probe is not None,
+            every_n=config.every_n_train_steps or config.every_n_epochs or 1,
+            by_steps=config.by_steps,
+            max_positions=config.max_positions,
+            background=config.background,
+            free_core=self._worker_has_a_core(trainer),
+        )
+        wait = measured.wait_s / measured.captures
+        message = cost_advice(capture, compute, wait, training / measured.captures, settings)
+        if message is not None:
+            measured.warned = True
+            rank_zero_warn(message)
+
     # ------------------------------------------------------------------ background
+
+    def _worker_has_a_core(self, trainer: pl.Trainer) -> bool:
+        """Whether a background worker's solver threads have cores of their own beside
+        training's torch threads (training on an accelerator leaves the cores but one free)."""
+        training = torch.get_num_threads() if trainer.strategy.root_device.type == "cpu" else 1
+        solver = self.config.solver_threads or 1
+        return worker_has_a_core(available_cpus(), training, solver)
 
     def _start_background(self, trainer: pl.Trainer) -> None:
         """With ``background=True``: the worker (and its process group: every rank is here)."""
@@ -603,23 +674,67 @@ class RSMMonitor(*CALLBACK_BASES):
         # one solver thread by default; one on CUDA, where the worker's stream is not shared
         self._solver_threads = 1 if keep_on_cuda else self.config.solver_threads or 1
         self._trainer = trainer
+        if not self._worker_has_a_core(trainer):
+            cores, threads = available_cpus(), torch.get_num_threads()
+            rank_zero_warn(
+                f"`RSMMonitor(background=True)`: the worker has no core of its own ({cores} "
+                f"cores for this process; training uses {threads} torch threads, the worker "
+                f"{self._solver_threads} solver thread(s)), so its time comes out of training's. "
+                "Pass background=False, or leave it a core (e.g. "
+                f"torch.set_num_threads({max(cores - self._solver_threads, 1)}) before the fit)."
+            )
         self._background = bg.Background(
             distributed=is_distributed(trainer),
             threads=torch.get_num_threads(),  # the same intra-op threads: the same numbers
             keep_on_cuda=keep_on_cuda,
         )
 
-    def _stop_background(self) -> None:
+    def _stop_background(self, reason: str | None = None) -> None:
+        """Cancel and join the worker; with ``reason`` (an exception's name), a warning naming
+        the evaluation that was not reported."""
         if self._background is not None:
-            self._background.close()
+            busy = self._background.busy
+            dropped = self._background.close()
             self._background = None
+            if dropped is not None and reason is not None:
+                state = "was cancelled unfinished" if busy else "had finished"
+                rank_zero_warn(
+                    f"`RSMMonitor`: the evaluation of epoch {dropped.epoch} (step {dropped.step}) "
+                    f"{state} when training stopped ({reason}); it is not in the history."
+                )
         self._trainer = None
 
+    def _skip_while_busy(self, trainer: pl.Trainer) -> bool:
+        """With ``when_busy="skip"``: whether to skip the due evaluation because the worker is
+        still busy (on any rank); never in the fit's last epoch. A skip is kept in
+        :attr:`skipped`."""
+        if self.config.when_busy != "skip" or self._background is None:
+            return False
+        if schedule.ends_fit(trainer):
+            return False
+        self._deliver_finished(trainer)
+        if not trainer.strategy.reduce_boolean_decision(self._background.busy, all=False):
+            return False
+        self.skipped.append({"epoch": trainer.current_epoch, "step": trainer.global_step})
+        return True
+
+    def _warn_skipped(self) -> None:
+        if self.skipped:
+            names = ", ".join(f"epoch {s['epoch']} (step {s['step']})" for s in self.skipped)
+            rank_zero_warn(
+                f"`RSMMonitor` skipped {len(self.skipped)} evaluation(s) while the worker was "
+                f"busy (when_busy='skip'): {names}; they are not in the history. "
+                "when_busy='wait' (the default) keeps every evaluation."
+            )
+
     def _deliver_finished(self, trainer: pl.Trainer, wait: bool = False) -> None:
-        """Deliver the background evaluation if it has finished (with ``wait``, once it has)."""
+        """Deliver the background evaluation if it has finished (with ``wait``, once it has,
+        with a progress line while training waits)."""
         if self._background is None:
             return
-        outcome = self._background.finished(wait)
+        if wait:
+            self._measured.wait_s += self._background.wait(progress=_shows_progress(trainer))
+        outcome = self._background.finished()
         if outcome is not None:
             self._deliver(trainer, outcome)
 
@@ -663,3 +778,8 @@ class RSMMonitor(*CALLBACK_BASES):
                 )
             evaluation = replace(evaluation, epoch=marker["epoch"], step=marker["step"])
             self._hand_off(trainer, evaluation)
+
+
+def _shows_progress(trainer: pl.Trainer) -> bool:
+    """Whether this process shows progress: rank 0 with the Trainer's progress bar on."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None

@@ -3,7 +3,10 @@ or repeated at a checkpoint, a fault, an exception or the end of the fit."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -269,7 +272,7 @@ def test_worker_runs_in_order_and_stop_cancels_what_has_not_started():
     first = worker.submit(hold)
     second = worker.submit(lambda: order.append(2))
     started.wait(timeout=60)
-    worker.stop()
+    worker.stop(timeout=0)
     release.set()
     first.result(timeout=60)
     assert second.cancelled()
@@ -284,3 +287,93 @@ def test_worker_hands_back_exceptions():
         worker.submit(lambda: 1 / 0).result(timeout=60)
     assert worker.submit(lambda: 3).result(timeout=60) == 3
     worker.stop()
+
+
+# ------------------------------------------------------------------ interruption
+
+
+class WideNet(pl.LightningModule):
+    """conv -> 4 x 16 x 16 maps: with ``max_positions=None`` each pair is a 256 x 256 LAP, so an
+    evaluation of a few dozen samples runs for many seconds on the worker's one thread."""
+
+    def __init__(self, crash_at_epoch: int | None = None) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+        self.crash_at_epoch = crash_at_epoch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.current_epoch == self.crash_at_epoch:
+            raise RuntimeError("training crashed")
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def wide_data(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)), torch.arange(
+        n
+    ) % 3
+
+
+class CtrlCWhileWaiting(Callback):
+    """Before the monitor's epoch-end hook (which submits the fit's last evaluation and waits
+    for it): a timer sends SIGINT to this process one second later, as Ctrl-C does."""
+
+    def __init__(self) -> None:
+        self.sent_at: float | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        def interrupt() -> None:
+            self.sent_at = time.perf_counter()
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Timer(1.0, interrupt).start()
+
+
+def test_ctrl_c_while_training_waits_cancels_the_evaluation_at_once(tmp_path):
+    """The last evaluation (60 samples: 1,770 LAPs of 256 x 256, many seconds) is waited for;
+    Ctrl-C ends the wait, cancels the worker between blocks and joins it."""
+    monitor = RSMMonitor(wide_data(60, seed=1), ["conv"], max_positions=None, background=True)
+    ctrl_c = CtrlCWhileWaiting()
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a Ctrl-C
+    try:
+        with (
+            pytest.warns(UserWarning, match=r"evaluation of epoch 0 \(step 3\) was cancelled"),
+            pytest.raises(SystemExit),  # Lightning's answer to KeyboardInterrupt
+        ):
+            fit(
+                WideNet(),
+                DataLoader(TensorDataset(*wide_data(48)), batch_size=16),
+                None,
+                tmp_path,
+                callbacks=[ctrl_c, monitor],
+                max_epochs=1,
+            )
+        returned_at = time.perf_counter()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert ctrl_c.sent_at is not None
+    assert returned_at - ctrl_c.sent_at < 10.0  # generous: the evaluation needs far longer
+    assert not [t for t in threading.enumerate() if t.name == WORKER]
+    assert monitor.history == []
+
+
+def test_an_exception_while_the_worker_computes_cancels_and_joins_it(tmp_path):
+    """Epoch 0's evaluation runs on the worker when training crashes at epoch 1."""
+    monitor = RSMMonitor(wide_data(60, seed=1), ["conv"], max_positions=None, background=True)
+    loader = DataLoader(TensorDataset(*wide_data(48)), batch_size=16)
+    start = time.perf_counter()
+    with (
+        pytest.warns(UserWarning, match=r"epoch 0 \(step 3\) was cancelled.*\(RuntimeError\)"),
+        pytest.raises(RuntimeError, match="training crashed"),
+    ):
+        fit(WideNet(crash_at_epoch=1), loader, monitor, tmp_path, max_epochs=3)
+    assert time.perf_counter() - start < 30.0  # generous: the evaluation needs far longer
+    assert not [t for t in threading.enumerate() if t.name == WORKER]
+    assert monitor.history == []
