@@ -20,6 +20,9 @@ Picker = str | int | Callable[[Any], Any]
 #: Runs the model on a probe batch's inputs: ``forward_fn(model, inputs) -> output``.
 ForwardFn = Callable[[nn.Module, Any], Any]
 
+#: A reference network: ``(model, layer name)``, or a function from probe inputs to features.
+ReferenceNetwork = Callable[[Any], Tensor] | tuple[nn.Module, str]
+
 
 def describe(batch: Any) -> str:
     """A one-line description of a batch's structure, for error messages.

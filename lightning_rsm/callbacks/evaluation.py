@@ -56,14 +56,16 @@ class Evaluation:
 
 @dataclass
 class Outcome:
-    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
-    images and the colour ranges they used; or ``failure``: ``(rank, error text)``."""
+    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the logits ``(N, K)`` they
+    were scored with (or None), the layer x layer RSA, the images and the colour ranges they
+    used; or ``failure``: ``(rank, error text)``."""
 
     epoch: int
     step: int
     log_step: int
     scores: dict[str, float] = field(default_factory=dict)
     rsms: Rsms = field(default_factory=dict)
+    logits: Tensor | None = None
     layer_rsa: Tensor | None = None
     images: dict[str, np.ndarray] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
@@ -94,6 +96,8 @@ class Evaluator:
         config: the monitor's options (layers, kernel, matcher, baseline, targets, ...).
         labels: the probe's labels ``(N,)`` or ``(N, L)``, or None.
         solver_threads: threads of :func:`~lightning_rsm.functional.semantic_rsm`.
+        targets: the target RSMs ``(N, N)`` by name (tensors given, and those of reference
+            networks computed at fit start).
         previous: the previous evaluation's semantic RSM per layer (for ``rsa_to_previous``).
         ranges: the colour ranges fixed by earlier evaluations, per layer.
         caches: each layer's warm-start cache (exact matcher); used by one evaluation at a time.
@@ -102,6 +106,7 @@ class Evaluator:
     config: MonitorConfig
     labels: Tensor | None
     solver_threads: int | None
+    targets: Mapping[str, Tensor] = field(default_factory=dict)
     previous: Mapping[str, Tensor] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
     caches: Mapping[str, AssignmentCache] = field(default_factory=dict)
@@ -130,6 +135,7 @@ class Evaluator:
         if outcome.failure is not None:
             return outcome
         outcome.scores, outcome.rsms, outcome.layer_rsa = scored
+        outcome.logits = logits
         outcome.scores["rsm/time_s"] = evaluation.seconds + time.perf_counter() - start
         if render:
             outcome.images, outcome.ranges = self.render(outcome.rsms, outcome.layer_rsa)
@@ -180,7 +186,7 @@ class Evaluator:
 
     def comparisons(self, layer: str, rsm: Tensor) -> dict[str, float]:
         """RSA with the previous evaluation's RSM and with each target."""
-        others = {f"vs_{name}": target for name, target in self.config.targets.items()}
+        others = {f"vs_{name}": target for name, target in self.targets.items()}
         if layer in self.previous:
             others["rsa_to_previous"] = self.previous[layer]
         return {

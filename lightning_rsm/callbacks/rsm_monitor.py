@@ -11,9 +11,17 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_rsm import targets as references
+from lightning_rsm.archive import ArchiveWriter, Ids
+from lightning_rsm.callbacks import archiving, reporting, schedule
 from lightning_rsm.callbacks import background as bg
-from lightning_rsm.callbacks import reporting, schedule
-from lightning_rsm.callbacks.batches import ForwardFn, Picker, batch_length, slice_batch
+from lightning_rsm.callbacks.batches import (
+    ForwardFn,
+    Picker,
+    ReferenceNetwork,
+    batch_length,
+    slice_batch,
+)
 from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
 from lightning_rsm.callbacks.evaluation import Evaluation, Evaluator, Outcome, warm_start_caches
 from lightning_rsm.callbacks.probe import (
@@ -132,7 +140,15 @@ class RSMMonitor(*CALLBACK_BASES):
         logits_fn: maps the model's forward output on a probe batch to logits ``(B, K)``; by
             default the output (its first tensor) when it has that shape, else the probability
             agreement is skipped with one warning.
-        targets: reference RSMs ``(N, N)`` over the same probe, by name.
+        targets: what each layer's semantic RSM is compared with (``rsm/<layer>/vs_<name>``),
+            by name: a reference RSM ``(N, N)`` over the same probe (e.g. human similarity
+            judgements), or a reference network (e.g. a teacher): ``(model, "layer4")`` with a
+            name from ``model.named_modules()``, or a callable mapping a batch of probe inputs
+            to features ``(B, ...)``. A network's semantic RSM is computed once, at fit start
+            after the probe is read, with the monitor's options (kernel, matcher, pooling,
+            tokens, ``forward_fn``, ``batch_size``; :func:`~lightning_rsm.targets.reference_rsm`),
+            the network in eval mode without gradients and left as it was (under DDP: by rank
+            0, then broadcast, so every rank compares with the same matrix).
         method: how RSMs are compared (drift, layer x layer, targets): ``"cka"``,
             ``"kendall"``, ``"pearson"`` or ``"spearman"``.
         log_images: send heatmaps to the Trainer's loggers.
@@ -151,6 +167,25 @@ class RSMMonitor(*CALLBACK_BASES):
             equally by the layers; pairs beyond it are solved cold; 0 turns it off. Only
             ``matcher="exact"``; not stored in checkpoints (the first evaluation after a
             resume is cold).
+        save_rsms: keep every delivered evaluation's RSMs (every layer, semantic and baseline,
+            as computed and scored) with its step and epoch (as in ``history``), the logits, the
+            probe's labels, its fingerprint and ``probe_ids``: one file per evaluation,
+            ``step=<step>.pt`` (:mod:`lightning_rsm.archive`; float32 upper triangles, read back
+            bit for bit with :func:`~lightning_rsm.load_rsms`; ``2 N (N + 1)`` bytes per RSM), in
+            ``<log_dir>/rsms/`` of the Trainer's first logger that has a ``log_dir``
+            (TensorBoard, CSV), else ``<default_root_dir>/rsms/``. Written by global rank 0, on
+            the training thread (also with ``background=True``). A resumed run adds to the same
+            folder (give the logger a fixed ``version``) and rewrites, never duplicates, a step
+            evaluated again; an archive of another probe in that folder is an error at fit
+            start.
+        save_every: with ``save_rsms``: keep every k-th evaluation's file (1: all; None: only the
+            last ``save_last``).
+        save_last: with ``save_rsms``: also keep the last m evaluations' files.
+        probe_ids: with ``save_rsms``: an id per probe sample, in the probe's order (N str, e.g.
+            file names, or N int, e.g. dataset indices), stored with the RSMs so that runs on the
+            same samples, preprocessed differently, can be compared
+            (:func:`~lightning_rsm.compare_runs`). With ``probe=None`` the samples are chosen at
+            fit start and have no ids the user could give.
 
     Attributes:
         config: the options, checked (:class:`~lightning_rsm.callbacks.config.MonitorConfig`).
@@ -163,15 +198,19 @@ class RSMMonitor(*CALLBACK_BASES):
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
             if a layer is not a module of the model, a callback monitors an ``rsm/`` key of
             ``every_n_train_steps`` with ``background=True`` (it would read an earlier step's
-            score), or ``probe`` is None and the fit has no validation data.
+            score), ``probe`` is None and the fit has no validation data, or, with
+            ``save_rsms``, the archive folder holds an archive of another probe.
         TypeError: If an option has the wrong type (e.g. ``baseline="no"``), a probe batch has a
             structure that ``input_fn`` and ``label_fn`` do not pick from (the message names
             it), or labels are not integer class ids or multi-hot values (at construction for
             tensors, at fit start for loaders).
         RuntimeError: At fit start, if the model fails on a probe batch (the message says how it
             was called and names ``forward_fn``).
-        ValueError: If the probe or a target has a bad shape (at construction for tensors, at
-            fit start for loaders), or, at fit start, a layer's output is not a representation.
+        ValueError: If the probe or a target has a bad shape or values that are not finite (at
+            construction for tensors, at fit start for loaders), or, at fit start, a layer's
+            output is not a representation, a target network has no such layer or returns
+            features of another N (the message names the target), or ``probe_ids`` has another
+            length than the probe.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -217,13 +256,17 @@ class RSMMonitor(*CALLBACK_BASES):
         max_positions: int | None = DEFAULT_MAX_POSITIONS,
         batch_size: int = 256,
         logits_fn: Callable[[Any], Tensor] | None = None,
-        targets: Mapping[str, Tensor] | None = None,
+        targets: Mapping[str, ReferenceNetwork | Tensor] | None = None,
         method: str = "spearman",
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
         background: bool = False,
         solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
+        save_rsms: bool = False,
+        save_every: int | None = 1,
+        save_last: int = 1,
+        probe_ids: Ids | None = None,
     ) -> None:
         options = {name: value for name, value in locals().items() if name != "self"}
         self.config = MonitorConfig(**options)  # every argument above, checked there
@@ -244,6 +287,8 @@ class RSMMonitor(*CALLBACK_BASES):
             self.config.layers, self.config.matcher, self.config.warm_start_bytes
         )
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
+        self._targets: dict[str, Tensor] = {}  # every target's RSM (N, N), set at fit start
+        self._archive: ArchiveWriter | None = None  # save_rsms=True, on rank 0, from fit start
 
     @property
     def layers(self) -> list[str]:
@@ -328,13 +373,18 @@ class RSMMonitor(*CALLBACK_BASES):
     # ------------------------------------------------------------------ the probe
 
     def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the probe, check it, the targets and the layers, and find the logits."""
+        """Read the probe, check it, the layers and the targets (computing those of reference
+        networks), open the archive, and find the logits."""
         config = self.config
         with as_misconfiguration():
             check_layer_names(pl_module, config.layers)
         with untouched(pl_module):
             self._inputs, self._labels = self._read_probe(trainer)
-        check_targets_match_probe(config.targets, batch_length(self._inputs))
+        n = batch_length(self._inputs)
+        self._targets = self._target_rsms(trainer)
+        check_targets_match_probe(self._targets, n)
+        archiving.check_ids_match_probe(config.probe_ids, n)
+        self._archive = archiving.open_archive(trainer, config, self._inputs, self._labels)
         if self._labels is None:
             self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
         self._use_logits = True
@@ -361,6 +411,51 @@ class RSMMonitor(*CALLBACK_BASES):
         loader = validation_loader(trainer)
         probe = select_probe(loader, c.probe_size, c.batch_size, c.input_fn, c.label_fn)
         return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
+
+    def _target_rsms(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """Every target's RSM: a tensor as given; a reference network's computed now, on the
+        probe with the monitor's settings (under DDP by rank 0, then broadcast)."""
+        targets = self.config.targets
+        networks = {name: net for name, net in targets.items() if not isinstance(net, Tensor)}
+        if not networks:
+            return dict(targets)
+        if not is_distributed(trainer):
+            computed = self._reference_rsms(networks)
+        else:
+
+            def on_rank_zero() -> dict[str, Tensor]:
+                return self._reference_rsms(networks) if trainer.is_global_zero else {}
+
+            computed, failure = run_on_every_rank(on_rank_zero, distributed=True)
+            if failure is not None:
+                raise ValueError(f"On rank {failure[0]}: {failure[1]}")
+            computed = trainer.strategy.broadcast(computed, src=0)
+        return {name: computed.get(name, target) for name, target in targets.items()}
+
+    def _reference_rsms(self, networks: Mapping[str, ReferenceNetwork]) -> dict[str, Tensor]:
+        """The semantic RSM of each reference network on the probe; errors name the target."""
+        c, rsms = self.config, {}
+        for name, network in networks.items():
+            try:
+                rsms[name] = references.reference_rsm(
+                    network,
+                    self._inputs,
+                    kernel=c.kernel,
+                    matcher=c.matcher,
+                    sigma=c.sigma,
+                    window=c.window,
+                    tol=c.tol,
+                    num_workers=self._solver_threads,
+                    batch_size=c.batch_size,
+                    max_positions=c.max_positions,
+                    forward_fn=c.forward_fn,
+                    special_tokens=c.special_tokens,
+                    tokens=c.tokens,
+                    token_grid=c.token_grid,
+                )
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"`targets[{name!r}]`: {error}") from error
+        return rsms
 
     def _capture(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any
@@ -442,6 +537,7 @@ class RSMMonitor(*CALLBACK_BASES):
             self.config,
             self._labels,
             self._solver_threads,
+            targets=self._targets,
             previous=dict(self._previous),
             ranges=dict(self._ranges),
             caches=self._caches,
@@ -464,7 +560,9 @@ class RSMMonitor(*CALLBACK_BASES):
         self.layer_rsa = outcome.layer_rsa
         if self.config.heatmap_range is None:
             self._ranges = {**outcome.ranges, **self._ranges}
-        reporting.report(trainer, outcome, self.history, warn_once=self._warnings.warn)
+        reporting.report(
+            trainer, outcome, self.history, warn_once=self._warnings.warn, archive=self._archive
+        )
 
     def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:
         rank, error = failure
