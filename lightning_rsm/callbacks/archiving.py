@@ -88,7 +88,7 @@ def save(archive: ArchiveWriter, outcome: Outcome) -> None:
         archive.write(
             step=outcome.step, epoch=outcome.epoch, rsms=outcome.rsms, logits=outcome.logits
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a full disk, a removed folder: monitoring must not stop training
         rank_zero_warn(
             f"`RSMMonitor` could not save the RSMs of step {outcome.step} to "
             f"{str(archive.folder)!r}; training goes on. {type(error).__name__}: {error}"

@@ -3,6 +3,8 @@ RSMs that were scored, bounded, the same in the background, continued by a resum
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -143,6 +145,27 @@ def test_probe_ids_of_another_length_fail_at_fit_start(loader, probe, tmp_path):
     monitor = RSMMonitor(probe, ["conv"], save_rsms=True, probe_ids=list(range(5)))
     with pytest.raises(ValueError, match="`probe_ids` to hold 12 ids, one per probe sample"):
         saved_fit(monitor, loader, tmp_path, max_epochs=1)
+
+
+class BlockArchive(Callback):
+    """From epoch 1 on, a file stands where the archive folder was: writes fail."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            shutil.rmtree(self.folder)
+            self.folder.write_text("not a folder")
+
+
+def test_a_failed_write_is_a_warning_and_training_goes_on(loader, probe, tmp_path):
+    monitor = RSMMonitor(probe, ["conv"], save_rsms=True)
+    with pytest.warns(UserWarning, match="could not save the RSMs of step 6 to .*training goes on"):
+        saved_fit(
+            monitor, loader, tmp_path, max_epochs=3, callbacks=[BlockArchive(tmp_path / "rsms")]
+        )
+    assert [row["epoch"] for row in monitor.history] == [0, 1, 2]
 
 
 class LoggerPerRank(Callback):
