@@ -120,7 +120,7 @@ class MonitorConfig:
         _check_int(self.warm_start_bytes, "warm_start_bytes", 0)
         _check_int(self.save_every, "save_every", 1, optional=True)
         _check_int(self.save_last, "save_last", 1)
-        _check_probe_ids(self.probe_ids)
+        _check_probe_ids(self.probe_ids, self.probe)
         self._set("heatmap_range", _checked_heatmap_range(self.heatmap_range))
         _check_probe(self.probe, self.input_fn, self.label_fn)
         self._set("targets", _checked_targets(self.targets))
@@ -224,10 +224,16 @@ def _check_probe(probe: object, input_fn: Picker | None, label_fn: Picker | None
         )
 
 
-def _check_probe_ids(ids: object) -> None:
-    """None, a sequence of str or int, or an integer tensor ``(N,)`` (N is checked at fit start)."""
+def _check_probe_ids(ids: object, probe: object) -> None:
+    """None, or (with a given probe) a sequence of str or int or an integer tensor ``(N,)``;
+    N is checked at fit start."""
     if ids is None:
         return
+    if probe is None:
+        raise MisconfigurationException(
+            "Expected `probe_ids` only with a given `probe` (samples chosen from the validation "
+            "data have no ids you could give), but got probe=None."
+        )
     if isinstance(ids, Tensor):
         ok = ids.ndim == 1 and not (ids.dtype.is_floating_point or ids.dtype.is_complex)
     else:

@@ -184,8 +184,8 @@ class RSMMonitor(*CALLBACK_BASES):
         probe_ids: with ``save_rsms``: an id per probe sample, in the probe's order (N str, e.g.
             file names, or N int, e.g. dataset indices), stored with the RSMs so that runs on the
             same samples, preprocessed differently, can be compared
-            (:func:`~lightning_rsm.compare_runs`). With ``probe=None`` the samples are chosen at
-            fit start and have no ids the user could give.
+            (:func:`~lightning_rsm.compare_runs`). Only with a given ``probe`` (samples chosen
+            from the validation data have no ids you could give).
 
     Attributes:
         config: the options, checked (:class:`~lightning_rsm.callbacks.config.MonitorConfig`).
@@ -373,35 +373,40 @@ class RSMMonitor(*CALLBACK_BASES):
     # ------------------------------------------------------------------ the probe
 
     def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the probe, check it, the layers and the targets (computing those of reference
-        networks), open the archive, and find the logits."""
+        """Read the probe, check it, the layers, the target RSMs and ids, find the logits, then
+        (everything checked) compute the reference networks' RSMs and open the archive."""
         config = self.config
         with as_misconfiguration():
             check_layer_names(pl_module, config.layers)
         with untouched(pl_module):
             self._inputs, self._labels = self._read_probe(trainer)
         n = batch_length(self._inputs)
-        self._targets = self._target_rsms(trainer)
-        check_targets_match_probe(self._targets, n)
+        given = {name: rsm for name, rsm in config.targets.items() if isinstance(rsm, Tensor)}
+        check_targets_match_probe(given, n)
         archiving.check_ids_match_probe(config.probe_ids, n)
-        self._archive = archiving.open_archive(trainer, config, self._inputs, self._labels)
         if self._labels is None:
             self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
+        self._use_logits = self._finds_logits(trainer, pl_module)
+        self._targets = self._target_rsms(trainer)
+        self._archive = archiving.open_archive(trainer, config, self._inputs, self._labels)
+
+    def _finds_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether the model's output on two probe samples gives logits (a dry forward)."""
         self._use_logits = True
         with untouched(pl_module):
             _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
         if logits is not None:
-            return
-        if config.logits_fn is not None:
+            return True
+        if self.config.logits_fn is not None:
             raise ValueError(
                 "Expected `logits_fn` to return logits of shape (B, K) with K >= 2 on a "
                 "probe batch of B samples, but it did not."
             )
-        self._use_logits = False
         self._warnings.warn(
             "The model's forward output on the probe is not a (B, K) logits tensor: the "
             "probability agreement is not computed. Pass `logits_fn` to pick the logits."
         )
+        return False
 
     def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
         """The probe's inputs and labels: the one given, or chosen from the validation data."""

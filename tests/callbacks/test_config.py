@@ -48,6 +48,11 @@ def test_constructor_rejects_bad_values(probe, kwargs, match):
         RSMMonitor(probe, **kwargs)
 
 
+def test_probe_ids_need_a_given_probe():
+    with pytest.raises(MisconfigurationException, match="`probe_ids` only with a given `probe`"):
+        RSMMonitor(None, ["conv"], probe_ids=["a", "b"])
+
+
 @pytest.mark.parametrize(
     ("probe_arg", "kwargs", "error", "match"),
     [
