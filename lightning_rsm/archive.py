@@ -25,7 +25,7 @@ headers add a few KB. 3 layers x 2 kinds with 10-class logits take 184 KB per ev
 N = 120 and 3.03 MB at N = 500 (measured). Every entry on and above the diagonal comes back bit
 for bit as the float32 RSM the monitor scored; the lower triangle is its mirror (every RSM of
 this package is exactly symmetric). :class:`ArchiveWriter`'s ``keep_every`` and ``keep_last``
-bound the number of files.
+(``RSMMonitor``'s ``save_every`` and ``save_last``) bound the number of files.
 
 A write goes to a temporary file renamed into place, so a reader never sees half a file; the
 file name is the step, so a resumed run that evaluates a step again replaces that file, and an

@@ -10,20 +10,23 @@ comparable with the monitored layers' RSMs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_rsm.callbacks.batches import ForwardFn, batch_length, slice_batch
+from lightning_rsm.callbacks.batches import (
+    ForwardFn,
+    ReferenceNetwork,
+    batch_length,
+    slice_batch,
+)
 from lightning_rsm.callbacks.probe import capture_layers, check_layer_names, untouched
 from lightning_rsm.functional import semantic_rsm, to_concepts
 from lightning_rsm.functional.options import DEFAULT_MAX_POSITIONS
 from lightning_rsm.functional.representations import TokenGrid
 
-#: A reference network: ``(model, layer name)``, or a function from probe inputs to features.
-ReferenceNetwork = tuple[nn.Module, str] | Callable[[Any], Tensor]
+__all__ = ["ReferenceNetwork", "reference_features", "reference_rsm"]
 
 
 def reference_features(

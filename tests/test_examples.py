@@ -32,3 +32,21 @@ def test_compiled_cnn_example_runs(capsys):
     assert [row["epoch"] for row in history] == [0]
     assert {"rsm/layer1/semantic/map", "rsm/layer2/baseline/map"} <= set(history[0])
     assert capsys.readouterr().out.startswith("epoch 0: layer2 mAP semantic")
+
+
+def test_compare_runs_example_runs(tmp_path, capsys):
+    """Two seeds with save_rsms=True, then compare_runs: a table and a figure."""
+    example = runpy.run_path(str(EXAMPLES / "compare_runs.py"))
+    figure = tmp_path / "seeds.png"
+    result = example["main"](
+        epochs=1, per_class=3, train_size=64, log_dir=str(tmp_path), figure=str(figure)
+    )
+    assert result.layers_a == result.layers_b == ["block1", "block2", "block3"]
+    assert result.matrix.shape == (3, 3) and bool(result.matrix.isfinite().all())
+    assert sorted(path.name for path in tmp_path.glob("seed*/rsms/*.pt")) == [
+        "step=0000000002.pt",
+        "step=0000000002.pt",
+    ]
+    out = capsys.readouterr().out
+    assert "seed 0 \\ seed 1  block1  block2  block3" in out
+    assert figure.stat().st_size > 10_000

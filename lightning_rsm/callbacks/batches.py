@@ -31,6 +31,9 @@ LogitsFn = Callable[[Any], Any]
 #: ``-> Any`` for LightningCLI like ``LogitsFn``.
 ImageFn = Callable[[Any], Any]
 
+#: A reference network: ``(model, layer name)``, or a function from probe inputs to features.
+ReferenceNetwork = Callable[[Any], Tensor] | tuple[nn.Module, str]
+
 
 def describe(batch: Any) -> str:
     """A one-line description of a batch's structure, for error messages.

@@ -11,14 +11,22 @@ that uses it, and its entry in ``RSMMonitor``'s docstring.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rsm.callbacks.batches import ForwardFn, ImageFn, LogitsFn, Picker, split_batch
+from lightning_rsm.archive import Ids
+from lightning_rsm.callbacks.batches import (
+    ForwardFn,
+    ImageFn,
+    LogitsFn,
+    Picker,
+    ReferenceNetwork,
+    split_batch,
+)
 from lightning_rsm.callbacks.probe import Probe, check_probe_tensors
 from lightning_rsm.functional import representations
 from lightning_rsm.functional.options import (
@@ -46,8 +54,9 @@ def as_misconfiguration() -> Iterator[None]:
 class MonitorConfig:
     """The options of ``RSMMonitor`` (documented there), checked and normalised on creation.
 
-    ``layers`` becomes a tuple, ``targets`` a dict of float32 CPU tensors, ``heatmap_range`` a
-    pair of floats, and ``every_n_epochs`` 1 when neither schedule option is given.
+    ``layers`` becomes a tuple, ``targets`` a dict of float32 CPU tensors and reference networks
+    (computed at fit start), ``heatmap_range`` a pair of floats, and ``every_n_epochs`` 1 when
+    neither schedule option is given.
 
     Raises:
         MisconfigurationException: If an option has a value that is not allowed.
@@ -84,7 +93,7 @@ class MonitorConfig:
     max_positions: int | None = DEFAULT_MAX_POSITIONS
     batch_size: int = 256
     logits_fn: LogitsFn | None = None
-    targets: Mapping[str, Tensor] = field(default_factory=dict)
+    targets: Mapping[str, ReferenceNetwork | Tensor] = field(default_factory=dict)
     method: str = "spearman"
     log_images: bool = True
     heatmap_range: tuple[float, float] | None = None
@@ -93,6 +102,10 @@ class MonitorConfig:
     solver_threads: int | None = None
     warm_start_bytes: int = 2**28
     when_busy: str = "wait"
+    save_rsms: bool = False
+    save_every: int | None = 1
+    save_last: int = 1
+    probe_ids: Ids | None = None
 
     def __post_init__(self) -> None:
         self._set("layers", _checked_layers(self.layers))
@@ -114,11 +127,14 @@ class MonitorConfig:
             )
             check_choice(self.method, COMPARISON_METHODS, "method")
         _check_int(self.batch_size, "batch_size", 1)
-        for name in ("baseline", "log_images", "background"):
+        for name in ("baseline", "log_images", "background", "save_rsms"):
             _check_bool(getattr(self, name), name)
         _check_int(self.solver_threads, "solver_threads", 1, optional=True)
         _check_int(self.warm_start_bytes, "warm_start_bytes", 0)
         self._check_when_busy()
+        _check_int(self.save_every, "save_every", 1, optional=True)
+        _check_int(self.save_last, "save_last", 1)
+        _check_probe_ids(self.probe_ids, self.probe)
         self._set("heatmap_range", _checked_heatmap_range(self.heatmap_range))
         _check_probe(self.probe, self.input_fn, self.label_fn)
         self._set("targets", _checked_targets(self.targets))
@@ -232,27 +248,82 @@ def _check_probe(probe: object, input_fn: Picker | None, label_fn: Picker | None
         )
 
 
-def _checked_targets(targets: object) -> dict[str, Tensor]:
-    """Named reference RSMs ``(N, N)``, as float32 CPU tensors."""
+def _check_probe_ids(ids: object, probe: object) -> None:
+    """None, or (with a given probe) a sequence of str or int or an integer tensor ``(N,)``;
+    N is checked at fit start."""
+    if ids is None:
+        return
+    if probe is None:
+        raise MisconfigurationException(
+            "Expected `probe_ids` only with a given `probe` (samples chosen from the validation "
+            "data have no ids you could give), but got probe=None."
+        )
+    if isinstance(ids, Tensor):
+        ok = ids.ndim == 1 and not (ids.dtype.is_floating_point or ids.dtype.is_complex)
+    else:
+        ok = isinstance(ids, Sequence) and not isinstance(ids, str)
+        ok = ok and (
+            all(isinstance(i, str) for i in ids)
+            or all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        )
+    if not ok:
+        raise TypeError(
+            "Expected `probe_ids` to be None, a list of str, a list of int or an int tensor (N,), "
+            f"but got {ids!r:.80}."
+        )
+
+
+def _checked_targets(targets: object) -> dict[str, ReferenceNetwork | Tensor]:
+    """Named reference RSMs ``(N, N)`` (as float32 CPU tensors) and reference networks:
+    ``(module, layer name)`` pairs or callables, computed at fit start."""
     if targets is None:
         return {}
     if not isinstance(targets, Mapping):
         raise TypeError(
-            "Expected `targets` to be a mapping of name -> RSM tensor, "
+            "Expected `targets` to be a mapping of name -> RSM tensor or reference network, "
             f"but got {type(targets).__name__}."
         )
-    checked = {}
-    for name, rsm in targets.items():
+    checked: dict[str, ReferenceNetwork | Tensor] = {}
+    for name, target in targets.items():
         if not (isinstance(name, str) and name):
             raise TypeError(f"Expected `targets` keys to be non-empty str, but got {name!r}.")
-        if not isinstance(rsm, Tensor):
+        if isinstance(target, Tensor):
+            checked[name] = _checked_target_rsm(name, target)
+        elif _is_model_and_layer(target) or (callable(target) and not isinstance(target, tuple)):
+            checked[name] = target
+        else:
             raise TypeError(
-                f"Expected `targets[{name!r}]` to be a tensor, but got {type(rsm).__name__}."
+                f"Expected `targets[{name!r}]` to be an RSM tensor (N, N), a (model, layer name) "
+                f"pair or a callable returning features, but got {_describe(target)}."
             )
-        if rsm.ndim != 2 or rsm.shape[0] != rsm.shape[1] or not bool(rsm.isfinite().all()):
-            raise ValueError(
-                f"Expected `targets[{name!r}]` to be a finite square matrix (N, N), "
-                f"but got shape {tuple(rsm.shape)}."
-            )
-        checked[name] = rsm.detach().float().cpu()
     return checked
+
+
+def _is_model_and_layer(target: object) -> bool:
+    return (
+        isinstance(target, tuple)
+        and len(target) == 2
+        and isinstance(target[0], nn.Module)
+        and isinstance(target[1], str)
+    )
+
+
+def _describe(target: object) -> str:
+    if isinstance(target, tuple):
+        return f"a tuple ({', '.join(type(item).__name__ for item in target)})"
+    return type(target).__name__
+
+
+def _checked_target_rsm(name: str, rsm: Tensor) -> Tensor:
+    """A square matrix of finite values, as float32 on the CPU."""
+    if rsm.ndim != 2 or rsm.shape[0] != rsm.shape[1]:
+        raise ValueError(
+            f"Expected `targets[{name!r}]` to be a square matrix (N, N), "
+            f"but got shape {tuple(rsm.shape)}."
+        )
+    if not bool(rsm.isfinite().all()):
+        raise ValueError(
+            f"Expected `targets[{name!r}]` to hold finite values, but it has "
+            f"{int((~rsm.isfinite()).sum())} NaN or Inf entries."
+        )
+    return rsm.detach().float().cpu()

@@ -57,15 +57,17 @@ class Evaluation:
 
 @dataclass
 class Outcome:
-    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the layer x layer RSA, the
-    images (tag -> uint8 RGB ``(H, W, 3)``) and the heatmaps' colour ranges to hold for the next
-    evaluation; or ``failure``: ``(rank, error text)``."""
+    """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the logits ``(N, K)`` they
+    were scored with (or None), the layer x layer RSA, the images (tag -> uint8 RGB
+    ``(H, W, 3)``) and the heatmaps' colour ranges to hold for the next evaluation; or
+    ``failure``: ``(rank, error text)``."""
 
     epoch: int
     step: int
     log_step: int
     scores: dict[str, float] = field(default_factory=dict)
     rsms: Rsms = field(default_factory=dict)
+    logits: Tensor | None = None
     layer_rsa: Tensor | None = None
     images: dict[str, np.ndarray] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
@@ -96,6 +98,8 @@ class Evaluator:
         config: the monitor's options (layers, kernel, matcher, baseline, targets, ...).
         labels: the probe's labels ``(N,)`` or ``(N, L)``, or None.
         solver_threads: threads of :func:`~lightning_rsm.functional.semantic_rsm`.
+        targets: the target RSMs ``(N, N)`` by name (tensors given, and those of reference
+            networks computed at fit start).
         previous: the previous evaluation's semantic RSM per layer (for ``rsa_to_previous``).
         ranges: the heatmaps' colour ranges held from the last evaluation, per layer
             (:func:`~lightning_rsm.plotting.next_colour_range`).
@@ -106,6 +110,7 @@ class Evaluator:
     config: MonitorConfig
     labels: Tensor | None
     solver_threads: int | None
+    targets: Mapping[str, Tensor] = field(default_factory=dict)
     previous: Mapping[str, Tensor] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
     caches: Mapping[str, AssignmentCache] = field(default_factory=dict)
@@ -138,6 +143,7 @@ class Evaluator:
         if outcome.failure is not None:
             return outcome
         outcome.scores, outcome.rsms, outcome.layer_rsa = scored
+        outcome.logits = logits
         outcome.scores["rsm/time_s"] = evaluation.seconds + time.perf_counter() - start
         if render:
             outcome.images, outcome.ranges = self.render(outcome)
@@ -194,7 +200,7 @@ class Evaluator:
 
     def comparisons(self, layer: str, rsm: Tensor) -> dict[str, float]:
         """RSA with the previous evaluation's RSM and with each target."""
-        others = {f"vs_{name}": target for name, target in self.config.targets.items()}
+        others = {f"vs_{name}": target for name, target in self.targets.items()}
         if layer in self.previous:
             others["rsa_to_previous"] = self.previous[layer]
         return {

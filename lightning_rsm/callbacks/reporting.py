@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_rsm.archive import ArchiveWriter
+from lightning_rsm.callbacks import archiving
 from lightning_rsm.callbacks.evaluation import Outcome
 from lightning_rsm.image_logging import log_images
 from lightning_rsm.plotting import figure_to_rgb
@@ -52,12 +54,14 @@ def report(
     history: list[dict[str, float]],
     *,
     warn_once: Callable[[str], Any],
+    archive: ArchiveWriter | None = None,
 ) -> None:
     """Deliver a finished evaluation: a row of ``history`` (``epoch``, ``step`` and the scores),
     the scores in ``trainer.callback_metrics`` (tensors on the root device, the same on every
     rank), and ``epoch`` and the scores to every logger with ``log_metrics(..., step=...)``,
     then the images (:func:`~lightning_rsm.image_logging.log_images`), at ``outcome.log_step``;
-    the loggers on global rank zero only."""
+    the loggers on global rank zero only; with an ``archive`` (rank zero, ``save_rsms=True``),
+    the RSMs to it (:func:`~lightning_rsm.callbacks.archiving.save`)."""
     history.append({"epoch": outcome.epoch, "step": outcome.step, **outcome.scores})
     device = trainer.strategy.root_device
     trainer.callback_metrics.update(
@@ -70,6 +74,8 @@ def report(
         logger.save()
     if outcome.images:
         log_images(trainer.loggers, outcome.images, outcome.log_step, warn_once=warn_once)
+    if archive is not None:
+        archiving.save(archive, outcome)
 
 
 def report_history(

@@ -11,13 +11,16 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_rsm import targets as references
+from lightning_rsm.archive import ArchiveWriter, Ids
+from lightning_rsm.callbacks import archiving, reporting, schedule
 from lightning_rsm.callbacks import background as bg
-from lightning_rsm.callbacks import reporting, schedule
 from lightning_rsm.callbacks.batches import (
     ForwardFn,
     ImageFn,
     LogitsFn,
     Picker,
+    ReferenceNetwork,
     batch_length,
     slice_batch,
 )
@@ -185,7 +188,15 @@ class RSMMonitor(*CALLBACK_BASES):
         logits_fn: maps the model's forward output on a probe batch to logits ``(B, K)``; by
             default the output (its first tensor) when it has that shape, else the probability
             agreement is skipped with one warning.
-        targets: reference RSMs ``(N, N)`` over the same probe, by name.
+        targets: what each layer's semantic RSM is compared with (``rsm/<layer>/vs_<name>``),
+            by name: a reference RSM ``(N, N)`` over the same probe (e.g. human similarity
+            judgements), or a reference network (e.g. a teacher): ``(model, "layer4")`` with a
+            name from ``model.named_modules()``, or a callable mapping a batch of probe inputs
+            to features ``(B, ...)``. A network's semantic RSM is computed once, at fit start
+            after the probe is read, with the monitor's options (kernel, matcher, pooling,
+            tokens, ``forward_fn``, ``batch_size``; :func:`~lightning_rsm.targets.reference_rsm`),
+            the network in eval mode without gradients and left as it was (under DDP: by rank
+            0, then broadcast, so every rank compares with the same matrix).
         method: how RSMs are compared (drift, layer x layer, targets): ``"cka"``,
             ``"kendall"``, ``"pearson"`` or ``"spearman"``.
         log_images: draw the figures (above) and send them to the Trainer's loggers (nothing is
@@ -214,6 +225,25 @@ class RSMMonitor(*CALLBACK_BASES):
             evaluations are not in the history nor logged, are listed in :attr:`skipped` and
             named in one warning at the fit's end; the evaluations of the fit's last epoch are
             always waited for). Only with ``background=True``.
+        save_rsms: keep every delivered evaluation's RSMs (every layer, semantic and baseline,
+            as computed and scored) with its step and epoch (as in ``history``), the logits, the
+            probe's labels, its fingerprint and ``probe_ids``: one file per evaluation,
+            ``step=<step>.pt`` (:mod:`lightning_rsm.archive`; float32 upper triangles, read back
+            bit for bit with :func:`~lightning_rsm.load_rsms`; ``2 N (N + 1)`` bytes per RSM), in
+            ``<log_dir>/rsms/`` of the Trainer's first logger that has a ``log_dir``
+            (TensorBoard, CSV), else ``<default_root_dir>/rsms/``. Written by global rank 0, on
+            the training thread (also with ``background=True``). A resumed run adds to the same
+            folder (give the logger a fixed ``version``) and rewrites, never duplicates, a step
+            evaluated again; an archive of another probe in that folder is an error at fit
+            start.
+        save_every: with ``save_rsms``: keep every k-th evaluation's file (1: all; None: only the
+            last ``save_last``).
+        save_last: with ``save_rsms``: also keep the last m evaluations' files.
+        probe_ids: with ``save_rsms``: an id per probe sample, in the probe's order (N str, e.g.
+            file names, or N int, e.g. dataset indices), stored with the RSMs so that runs on the
+            same samples, preprocessed differently, can be compared
+            (:func:`~lightning_rsm.compare_runs`). Only with a given ``probe`` (samples chosen
+            from the validation data have no ids you could give).
 
     Attributes:
         config: the options, checked (:class:`~lightning_rsm.callbacks.config.MonitorConfig`).
@@ -230,16 +260,20 @@ class RSMMonitor(*CALLBACK_BASES):
         MisconfigurationException: If an option has a value that is not allowed; at fit start,
             if a layer is not a module of the model, a callback monitors an ``rsm/`` key of
             ``every_n_train_steps`` with ``background=True`` (it would read an earlier step's
-            score), or ``probe`` is None and the fit has no validation data.
+            score), ``probe`` is None and the fit has no validation data, or, with
+            ``save_rsms``, the archive folder holds an archive of another probe.
         TypeError: If an option has the wrong type (e.g. ``baseline="no"``), a probe batch has a
             structure that ``input_fn`` and ``label_fn`` do not pick from (the message names
             it), or labels are not integer class ids or multi-hot values (at construction for
             tensors, at fit start for loaders).
         RuntimeError: At fit start, if the model fails on a probe batch (the message says how it
             was called and names ``forward_fn``).
-        ValueError: If the probe or a target has a bad shape (at construction for tensors, at
-            fit start for loaders), or, at fit start, a layer's output is not a representation
-            or ``image_fn`` does not return images ``(N, 1 | 3, H, W)``.
+        ValueError: If the probe or a target has a bad shape or values that are not finite (at
+            construction for tensors, at fit start for loaders), or, at fit start, a layer's
+            output is not a representation, ``image_fn`` does not return images
+            ``(N, 1 | 3, H, W)``, a target network has no such layer or returns features of
+            another N (the message names the target), or ``probe_ids`` has another length than
+            the probe.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -285,7 +319,7 @@ class RSMMonitor(*CALLBACK_BASES):
         max_positions: int | None = DEFAULT_MAX_POSITIONS,
         batch_size: int = 256,
         logits_fn: LogitsFn | None = None,
-        targets: Mapping[str, Tensor] | None = None,
+        targets: Mapping[str, ReferenceNetwork | Tensor] | None = None,
         method: str = "spearman",
         log_images: bool = True,
         heatmap_range: tuple[float, float] | None = None,
@@ -294,6 +328,10 @@ class RSMMonitor(*CALLBACK_BASES):
         solver_threads: int | None = None,
         warm_start_bytes: int = 2**28,
         when_busy: str = "wait",
+        save_rsms: bool = False,
+        save_every: int | None = 1,
+        save_last: int = 1,
+        probe_ids: Ids | None = None,
     ) -> None:
         options = {name: value for name, value in locals().items() if name != "self"}
         self.config = MonitorConfig(**options)  # every argument above, checked there
@@ -318,6 +356,8 @@ class RSMMonitor(*CALLBACK_BASES):
         self._to_recapture: list[dict[str, Any]] = []  # evaluations pending at the checkpoint
         self._measured = Measured()  # this fit's costs, for the one cost warning
         self.skipped: list[dict[str, int]] = []  # this fit's evaluations skipped (when_busy)
+        self._targets: dict[str, Tensor] = {}  # every target's RSM (N, N), set at fit start
+        self._archive: ArchiveWriter | None = None  # save_rsms=True, on rank 0, from fit start
 
     @property
     def layers(self) -> list[str]:
@@ -469,31 +509,41 @@ class RSMMonitor(*CALLBACK_BASES):
     # ------------------------------------------------------------------ the probe
 
     def _prepare_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the probe, check it, the targets and the layers, and find the logits."""
+        """Read the probe, check it, the layers, the target RSMs and ids, find the logits, then
+        (everything checked) compute the reference networks' RSMs and open the archive."""
         config = self.config
         with as_misconfiguration():
             check_layer_names(pl_module, config.layers)
         with untouched(pl_module):
             self._inputs, self._labels = self._read_probe(trainer)
         self._images = as_images(self._inputs, config.image_fn)
-        check_targets_match_probe(config.targets, batch_length(self._inputs))
+        n = batch_length(self._inputs)
+        given = {name: rsm for name, rsm in config.targets.items() if isinstance(rsm, Tensor)}
+        check_targets_match_probe(given, n)
+        archiving.check_ids_match_probe(config.probe_ids, n)
         if self._labels is None:
             self._warnings.warn("The probe has no labels: retrieval scores are not computed.")
+        self._use_logits = self._finds_logits(trainer, pl_module)
+        self._targets = self._target_rsms(trainer)
+        self._archive = archiving.open_archive(trainer, config, self._inputs, self._labels)
+
+    def _finds_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether the model's output on two probe samples gives logits (a dry forward)."""
         self._use_logits = True
         with untouched(pl_module):
             _, logits = self._capture(trainer, pl_module, slice_batch(self._inputs, 0, 2))
         if logits is not None:
-            return
-        if config.logits_fn is not None:
+            return True
+        if self.config.logits_fn is not None:
             raise ValueError(
                 "Expected `logits_fn` to return logits of shape (B, K) with K >= 2 on a "
                 "probe batch of B samples, but it did not."
             )
-        self._use_logits = False
         self._warnings.warn(
             "The model's forward output on the probe is not a (B, K) logits tensor: the "
             "probability agreement is not computed. Pass `logits_fn` to pick the logits."
         )
+        return False
 
     def _read_probe(self, trainer: pl.Trainer) -> tuple[Any, Tensor | None]:
         """The probe's inputs and labels: the one given, or chosen from the validation data."""
@@ -503,6 +553,51 @@ class RSMMonitor(*CALLBACK_BASES):
         loader = validation_loader(trainer)
         probe = select_probe(loader, c.probe_size, c.batch_size, c.input_fn, c.label_fn)
         return trainer.strategy.broadcast(probe, src=0) if is_distributed(trainer) else probe
+
+    def _target_rsms(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """Every target's RSM: a tensor as given; a reference network's computed now, on the
+        probe with the monitor's settings (under DDP by rank 0, then broadcast)."""
+        targets = self.config.targets
+        networks = {name: net for name, net in targets.items() if not isinstance(net, Tensor)}
+        if not networks:
+            return dict(targets)
+        if not is_distributed(trainer):
+            computed = self._reference_rsms(networks)
+        else:
+
+            def on_rank_zero() -> dict[str, Tensor]:
+                return self._reference_rsms(networks) if trainer.is_global_zero else {}
+
+            computed, failure = run_on_every_rank(on_rank_zero, distributed=True)
+            if failure is not None:
+                raise ValueError(f"On rank {failure[0]}: {failure[1]}")
+            computed = trainer.strategy.broadcast(computed, src=0)
+        return {name: computed.get(name, target) for name, target in targets.items()}
+
+    def _reference_rsms(self, networks: Mapping[str, ReferenceNetwork]) -> dict[str, Tensor]:
+        """The semantic RSM of each reference network on the probe; errors name the target."""
+        c, rsms = self.config, {}
+        for name, network in networks.items():
+            try:
+                rsms[name] = references.reference_rsm(
+                    network,
+                    self._inputs,
+                    kernel=c.kernel,
+                    matcher=c.matcher,
+                    sigma=c.sigma,
+                    window=c.window,
+                    tol=c.tol,
+                    num_workers=self._solver_threads,
+                    batch_size=c.batch_size,
+                    max_positions=c.max_positions,
+                    forward_fn=c.forward_fn,
+                    special_tokens=c.special_tokens,
+                    tokens=c.tokens,
+                    token_grid=c.token_grid,
+                )
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"`targets[{name!r}]`: {error}") from error
+        return rsms
 
     def _capture(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any
@@ -588,6 +683,7 @@ class RSMMonitor(*CALLBACK_BASES):
             self.config,
             self._labels,
             self._solver_threads,
+            targets=self._targets,
             previous={layer: kinds["semantic"] for layer, kinds in self._rsms.items()},
             ranges=dict(self._ranges),
             caches=self._caches,
@@ -614,7 +710,9 @@ class RSMMonitor(*CALLBACK_BASES):
         self.layer_rsa = outcome.layer_rsa
         if self.config.heatmap_range is None:
             self._ranges.update(outcome.ranges)  # none when not drawn (another rank, no images)
-        reporting.report(trainer, outcome, self.history, warn_once=self._warnings.warn)
+        reporting.report(
+            trainer, outcome, self.history, warn_once=self._warnings.warn, archive=self._archive
+        )
         self._measured.deliveries += 1
         self._measured.evaluation_s += outcome.scores["rsm/time_s"]
         self._warn_cost(trainer)

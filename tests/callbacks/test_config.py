@@ -38,6 +38,8 @@ from lightning_rsm.callbacks.config import MonitorConfig
         ({"solver_threads": 0}, "`solver_threads` to be a positive int or None, but got 0"),
         ({"warm_start_bytes": -1}, "`warm_start_bytes` to be a non-negative int, but got -1"),
         ({"probe_size": 1}, "`probe_size` to be an int of at least 2, but got 1"),
+        ({"save_every": 0}, "`save_every` to be a positive int or None, but got 0"),
+        ({"save_last": None}, "`save_last` to be a positive int, but got None"),
     ],
 )
 def test_constructor_rejects_bad_values(probe, kwargs, match):
@@ -46,14 +48,40 @@ def test_constructor_rejects_bad_values(probe, kwargs, match):
         RSMMonitor(probe, **kwargs)
 
 
+def test_probe_ids_need_a_given_probe():
+    with pytest.raises(MisconfigurationException, match="`probe_ids` only with a given `probe`"):
+        RSMMonitor(None, ["conv"], probe_ids=["a", "b"])
+
+
 @pytest.mark.parametrize(
     ("probe_arg", "kwargs", "error", "match"),
     [
         ("not a probe", {}, TypeError, "`probe` to be a DataLoader"),
         ([1, 2], {}, TypeError, r"tuple \(inputs, labels\) of tensors"),
         ("tuple", {"targets": [torch.eye(12)]}, TypeError, "`targets` to be a mapping"),
-        ("tuple", {"targets": {"t": np.eye(12)}}, TypeError, r"`targets\['t'\]` to be a tensor"),
+        (
+            "tuple",
+            {"targets": {"t": np.eye(12)}},
+            TypeError,
+            r"`targets\['t'\]` to be an RSM tensor",
+        ),
         ("tuple", {"targets": {"t": torch.ones(12, 11)}}, ValueError, "square matrix"),
+        (
+            "tuple",
+            {"targets": {"t": torch.full((12, 12), float("nan"))}},
+            ValueError,
+            r"`targets\['t'\]` to hold finite values, but it has 144 NaN or Inf entries",
+        ),
+        (
+            "tuple",
+            {"targets": {"teacher": (torch.nn.Linear(2, 2), 4)}},
+            TypeError,
+            r"`targets\['teacher'\]` to be an RSM tensor.*but got a tuple \(Linear, int\)",
+        ),
+        ("tuple", {"save_rsms": 1}, TypeError, "`save_rsms` to be True or False, but got 1"),
+        ("tuple", {"probe_ids": [0.5] * 12}, TypeError, "`probe_ids` to be None, a list of str"),
+        ("tuple", {"probe_ids": ["a", 1]}, TypeError, "`probe_ids` to be None, a list of str"),
+        ("tuple", {"probe_ids": "abc"}, TypeError, "`probe_ids` to be None, a list of str"),
         ("tuple", {"logits_fn": 3}, TypeError, "`logits_fn` to be callable"),
         ("tuple", {"baseline": "no"}, TypeError, "`baseline` to be True or False, but got 'no'"),
         ("tuple", {"log_images": "never"}, TypeError, "`log_images` to be True or False"),
