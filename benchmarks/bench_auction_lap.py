@@ -48,8 +48,9 @@ def main() -> None:
         batch = args.batch or default_batch
         scores, scale = _scores(batch, size, args.channels, seed=size)
         start = time.perf_counter()
-        value, upper, _ = auction_assignment(scores, tol=args.tol * scale)
+        result = auction_assignment(scores, tol=args.tol * scale)
         auction_s = time.perf_counter() - start
+        value, upper = result.value, result.upper
         matrices = scores.double().numpy()
         start = time.perf_counter()
         exact = np.array([m[linear_sum_assignment(m, maximize=True)].sum() for m in matrices])

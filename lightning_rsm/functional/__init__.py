@@ -3,6 +3,7 @@
 from lightning_rsm.functional.agreement import jensen_shannon_similarity, probability_agreement
 from lightning_rsm.functional.comparison import compare_rsms, rsa_matrix
 from lightning_rsm.functional.matching import (
+    Assignment,
     AssignmentCache,
     LapResult,
     assignment_upper_bound,
@@ -24,6 +25,7 @@ from lightning_rsm.functional.rsm import semantic_rsm, spatio_semantic_rsm
 from lightning_rsm.functional.scores import rsm_scores
 
 __all__ = [
+    "Assignment",
     "AssignmentCache",
     "LapResult",
     "RSMCancelled",

@@ -1,5 +1,6 @@
-"""Checks of the tensors a user passes: representations, RSMs, finiteness. Each only raises, with
-a one-line message that names the argument, says what was expected, then what it got."""
+"""Checks of the tensors a user passes: representations, RSMs, score blocks, finiteness. Each
+only raises, with a one-line message that names the argument, says what was expected, then what
+it got."""
 
 from __future__ import annotations
 
@@ -40,6 +41,32 @@ def check_rsm(rsm: object, name: str = "rsm") -> None:
     check_finite(rsm, name)
 
 
+def check_scores(scores: object, name: str = "scores") -> None:
+    """Raise if ``scores`` is not a block of B finite, real, square ``(S, S)`` score matrices.
+
+    The one check of every solver in :mod:`lightning_rsm.functional.matching`. Checks run in
+    order of cost: type, shape (``(B, S, S)`` with ``S >= 1``; ``B`` may be 0), dtype (a float
+    or integer dtype, see :func:`check_representations`), finiteness.
+
+    Example:
+        >>> check_scores(torch.zeros(2, 3, 4))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `scores` to be a block of non-empty square matrices of shape \
+(B, S, S), but got shape (2, 3, 4).
+    """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(scores).__name__}.")
+    if scores.ndim != 3 or scores.shape[1] != scores.shape[2] or scores.shape[1] == 0:
+        raise ValueError(
+            f"Expected `{name}` to be a block of non-empty square matrices of shape (B, S, S), "
+            f"but got shape {tuple(scores.shape)}."
+        )
+    if scores.dtype not in _REAL_DTYPES:
+        raise TypeError(f"Expected `{name}` to have a real dtype, but got {scores.dtype}.")
+    check_finite(scores, name)
+
+
 def check_finite(x: Tensor, name: str) -> None:
     """Raise ``ValueError`` if a floating tensor holds NaN or Inf, naming how many and where.
 
@@ -49,7 +76,8 @@ def check_finite(x: Tensor, name: str) -> None:
         ...
         ValueError: Expected `x` to be finite, but got 1 NaN/Inf values; the first at index (1,).
     """
-    if not x.is_floating_point():
+    # A NaN or Inf makes the sum NaN or Inf: a finite sum (one cheap pass) clears the tensor.
+    if not x.is_floating_point() or bool(x.sum().isfinite()):
         return
     bad = ~x.isfinite()
     n_bad = int(bad.sum())

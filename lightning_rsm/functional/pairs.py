@@ -25,7 +25,6 @@ from lightning_rsm.functional.distributed import (
 )
 from lightning_rsm.functional.matching import (
     AssignmentCache,
-    MatchResult,
     auction_assignment,
     match_exact,
     match_greedy,
@@ -35,19 +34,23 @@ from lightning_rsm.functional.options import (
     TORCH_MATCHERS,
 )
 
+# (value, upper) of each pair, float64 (B,): all an RSM needs of a solver's Assignment
+Bounds = tuple[Tensor, Tensor]
 
-def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> MatchResult:
+
+def _match_auction(scores: Tensor, norms_x: Tensor, norms_y: Tensor, tol: float) -> Bounds:
     """Auction with ``tol`` on the cosine scale: the raw tolerance is ``tol * |X_i| * |Y_j|``."""
     scale = norms_x.double().norm(dim=1) * norms_y.double().norm(dim=1)
-    value, upper, _ = auction_assignment(scores, tol=(tol * scale).clamp_min(1e-300))
-    return value, upper
+    result = auction_assignment(scores, tol=(tol * scale).clamp_min(1e-300))
+    return result.value, result.upper
 
 
-def _match_exact(scores: Tensor, options: dict) -> MatchResult:
+def _match_exact(scores: Tensor, options: dict) -> Bounds:
     """Exact values; warm-started from (and stored into) ``options["warm_start"]`` if given."""
     cache: AssignmentCache | None = options.get("warm_start")
     if cache is None:
-        return match_exact(scores)
+        result = match_exact(scores)
+        return result.value, result.upper
     # float32 scores go to the solver as they are (it computes in float64): no float64 copy
     values = torch.from_numpy(cache.solve(scores.cpu().numpy(), options["block"]))
     values = values.to(scores.device)
@@ -56,11 +59,11 @@ def _match_exact(scores: Tensor, options: dict) -> MatchResult:
 
 # name -> solver(scores (B, S, S), norms_x (B, S), norms_y (B, S), options) -> (value, upper);
 # options hold the keyword options of semantic_rsm and the block's segments ("block")
-_MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], MatchResult]] = {
+_MATCHERS: dict[str, Callable[[Tensor, Tensor, Tensor, dict], Bounds]] = {
     "auction": lambda scores, nx, ny, opts: _match_auction(scores, nx, ny, opts["tol"]),
     "exact": lambda scores, nx, ny, opts: _match_exact(scores, opts),
-    "greedy": lambda scores, nx, ny, opts: match_greedy(scores),
-    "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"]),
+    "greedy": lambda scores, nx, ny, opts: match_greedy(scores)[:2],
+    "windowed": lambda scores, nx, ny, opts: match_windowed(scores, nx, ny, opts["window"])[:2],
 }
 
 # Score matrices held per block on CPU; bounds memory, independent of N. The auction's cost per
@@ -147,7 +150,7 @@ def _solve_block(
     norms_x: Tensor,
     norms_y: Tensor,
     block: list[Segment],
-    solve: Callable[[Tensor, Tensor, Tensor, dict], MatchResult],
+    solve: Callable[[Tensor, Tensor, Tensor, dict], Bounds],
     options: dict,
 ) -> tuple[list[Segment], Tensor, Tensor]:
     """Form the block's score matrices with one matmul per row segment and solve them."""

@@ -40,11 +40,12 @@ def _problems(kind: str, batch: int, size: int, rng: np.random.Generator) -> np.
 def _check_optimal(scores: np.ndarray, result) -> None:
     """Permutations whose value is reported and equals scipy's optimum."""
     size = scores.shape[1]
-    assert (np.sort(result.assignment, axis=1) == np.arange(size)).all()
-    own = np.take_along_axis(scores, result.assignment[:, :, None], axis=2).sum(axis=(1, 2))
+    value, permutation = result.value.numpy(), result.permutation.numpy()
+    assert (np.sort(permutation, axis=1) == np.arange(size)).all()
+    own = np.take_along_axis(scores, permutation[:, :, None], axis=2).sum(axis=(1, 2))
     scale = 1e-12 * np.maximum(1.0, np.abs(scores).max(axis=(1, 2)) * size)
-    np.testing.assert_allclose(result.value, own, rtol=0, atol=scale.max())
-    assert (np.abs(result.value - optimal_values(scores)) <= scale).all()
+    np.testing.assert_allclose(value, own, rtol=0, atol=scale.max())
+    assert (np.abs(value - optimal_values(scores)) <= scale).all()
 
 
 KINDS = ("normal", "integer", "relu", "zeros", "low_rank")
@@ -59,9 +60,9 @@ def test_cold_matches_scipy(kind, size):
     _check_optimal(scores, result)
     # the duals certify it: u_i = min_j (c_ij - v_j) is feasible, and assigned edges are tight
     cost = -scores
-    reduced = cost - result.duals[:, None, :]
+    reduced = cost - result.duals.numpy()[:, None, :]
     reduced -= reduced.min(axis=2, keepdims=True)
-    tight = np.take_along_axis(reduced, result.assignment[:, :, None], axis=2)
+    tight = np.take_along_axis(reduced, result.permutation.numpy()[:, :, None], axis=2)
     assert tight.max() <= 1e-12 * max(1.0, np.abs(scores).max())
     assert (result.rows[:, 0] == size).all()
 
@@ -74,12 +75,12 @@ def test_brute_force(size):
     perms = np.array(list(itertools.permutations(range(size))))
     best = scores[:, np.arange(size), perms].sum(axis=2).max(axis=1)
     result = linear_assignment_batch(scores)
-    np.testing.assert_allclose(result.value, best, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(result.value.numpy(), best, rtol=1e-12, atol=1e-9)
     # warm-started from the solution of a quite different problem: still the brute-force optimum
     after = scores + rng.standard_normal(scores.shape)
-    warm = linear_assignment_batch(after, assignment=result.assignment, duals=result.duals)
+    warm = linear_assignment_batch(after, assignment=result.permutation, duals=result.duals)
     best = after[:, np.arange(size), perms].sum(axis=2).max(axis=1)
-    np.testing.assert_allclose(warm.value, best, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(warm.value.numpy(), best, rtol=1e-12, atol=1e-9)
 
 
 @needs_numba
@@ -90,7 +91,7 @@ def test_warm_start_from_perturbed_problem_is_exact(kind, noise):
     before = _problems(kind, 40, 24, rng)
     after = before + noise * np.abs(before).max() * rng.standard_normal(before.shape)
     first = linear_assignment_batch(before)
-    warm = linear_assignment_batch(after, assignment=first.assignment, duals=first.duals)
+    warm = linear_assignment_batch(after, assignment=first.permutation, duals=first.duals)
     _check_optimal(after, warm)
     if noise == 0.0:  # nothing changed: every row is kept, nothing is re-solved
         assert (warm.rows == 0).all()
@@ -102,12 +103,12 @@ def test_warm_start_saves_work_on_small_drift():
     before = rng.standard_normal((200, 36, 36))
     after = before + 1e-3 * rng.standard_normal(before.shape)
     first = linear_assignment_batch(before)
-    warm = linear_assignment_batch(after, assignment=first.assignment, duals=first.duals)
+    warm = linear_assignment_batch(after, assignment=first.permutation, duals=first.duals)
     cold = linear_assignment_batch(after)
     # few rows re-assigned, and no more shortest paths than the cold solve needed
     assert warm.rows[:, 0].sum() < cold.rows[:, 0].sum() / 4
     assert warm.rows[:, 1].sum() <= cold.rows[:, 1].sum()
-    np.testing.assert_allclose(warm.value, cold.value, rtol=1e-12)
+    np.testing.assert_allclose(warm.value.numpy(), cold.value.numpy(), rtol=1e-12)
 
 
 @needs_numba
@@ -135,10 +136,13 @@ def test_scipy_backend_gives_the_same_values():
     scores = _problems("relu", 20, 9, np.random.default_rng(4))
     result = linear_assignment_batch(scores, backend="scipy")
     _check_optimal(scores, result)
-    assert np.isnan(result.duals).all()
+    assert np.isnan(result.duals.numpy()).all()
     if lap.HAVE_NUMBA:
         np.testing.assert_allclose(
-            result.value, linear_assignment_batch(scores).value, rtol=1e-12, atol=1e-12
+            result.value.numpy(),
+            linear_assignment_batch(scores).value.numpy(),
+            rtol=1e-12,
+            atol=1e-12,
         )
 
 
@@ -303,7 +307,7 @@ def test_scipy_fallback_without_numba(monkeypatch):
         assert cache.stats["warm_pairs"] == 0  # scipy has no duals: every solve is cold
         assert cache.stats["rows_reassigned"] == cache.stats["rows"]
     scores = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(12))
-    value = match_exact(scores)[0].numpy()
+    value = match_exact(scores).value.numpy()
     np.testing.assert_allclose(value, optimal_values(scores.double().numpy()), rtol=1e-12)
 
 
@@ -406,7 +410,7 @@ def test_the_certificate_accepts_optimal_solutions_and_rejects_others():
     rng = np.random.default_rng(5)
     scores = _problems("normal", 20, 12, rng) * 1e-8
     result = linear_assignment_batch(scores)
-    for cost, x, v in zip(scores, result.assignment, result.duals, strict=True):
+    for cost, x, v in zip(scores, result.permutation.numpy(), result.duals.numpy(), strict=True):
         y = np.argsort(x)
         assert _certified(cost, x, y, v)
         worse = x.copy()

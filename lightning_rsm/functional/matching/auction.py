@@ -22,6 +22,9 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_rsm.functional.checks import check_scores
+from lightning_rsm.functional.matching.assignment import Assignment
+
 # Epsilon shrinks by this factor from one scaling phase to the next (Bertsekas suggests 4 to 10).
 _EPS_FACTOR = 7.0
 # Epsilon never goes below this fraction of max |score|: smaller steps would be lost to rounding
@@ -29,17 +32,8 @@ _EPS_FACTOR = 7.0
 _EPS_FLOOR = 2.0**-40
 
 
-def _check_auction_inputs(scores: object, tol: object, max_iter: object) -> None:
-    """Raise if the arguments of :func:`auction_assignment` are invalid (cheapest checks first)."""
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"Expected `scores` to be a torch.Tensor, but got {type(scores).__name__}.")
-    if scores.ndim != 3 or scores.shape[1] != scores.shape[2] or scores.shape[1] == 0:
-        raise ValueError(
-            "Expected `scores` to be a block of non-empty square matrices of shape (B, S, S), "
-            f"but got shape {tuple(scores.shape)}."
-        )
-    if scores.dtype == torch.bool or scores.is_complex():
-        raise TypeError(f"Expected `scores` to have a real dtype, but got {scores.dtype}.")
+def _check_options(scores: Tensor, tol: object, max_iter: object) -> None:
+    """Raise if ``tol`` or ``max_iter`` of :func:`auction_assignment` is invalid."""
     if isinstance(tol, Tensor):
         if tol.ndim > 1 or (tol.ndim == 1 and tol.shape[0] != scores.shape[0]):
             raise ValueError(
@@ -64,10 +58,6 @@ def _check_auction_inputs(scores: object, tol: object, max_iter: object) -> None
         isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 0
     ):
         raise ValueError(f"Expected `max_iter` to be None or an int >= 0, but got {max_iter!r}.")
-    if scores.is_floating_point():
-        n_bad = int((~torch.isfinite(scores)).sum())
-        if n_bad:
-            raise ValueError(f"Expected `scores` to be finite, but got {n_bad} NaN/Inf values.")
 
 
 def _certificate(
@@ -221,7 +211,7 @@ class _Auction:
 
 def auction_assignment(
     scores: Tensor, *, tol: float | Tensor = 1e-4, max_iter: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Assignment:
     """Maximum-score assignment of a batch of square matrices, with a certified optimality gap.
 
     Solves, for every ``b``, ``max_P sum_s scores[b, s, P(s)]`` over permutations ``P`` with the
@@ -254,13 +244,14 @@ def auction_assignment(
             but the gap may exceed ``tol``.
 
     Returns:
-        ``(value, upper, assignment)`` on the device of ``scores``: float64 tensors of shape
-        ``(B,)`` with ``value <= optimum <= upper``, and a long tensor of shape ``(B, S)`` with
-        ``assignment[b, s] = P(s)``, a permutation of ``0..S-1``.
+        :class:`~lightning_rsm.functional.matching.assignment.Assignment` on the device of
+        ``scores``: ``value`` and ``upper``, float64 tensors of shape ``(B,)`` with
+        ``value <= optimum <= upper``, and the ``permutation``, a long tensor of shape
+        ``(B, S)`` with ``permutation[b, s] = P(s)``.
 
     Raises:
-        TypeError: If ``scores`` is not a tensor or has a bool or complex dtype, or ``tol`` is a
-            bool or complex tensor.
+        TypeError: If ``scores`` is not a tensor of a real dtype, or ``tol`` is a bool or
+            complex tensor.
         ValueError: If ``scores`` is not of shape ``(B, S, S)`` with ``S >= 1`` or holds
             NaN/Inf, if ``tol`` is not positive and finite or has the wrong shape, or if
             ``max_iter`` is not None or an int >= 0.
@@ -273,16 +264,17 @@ def auction_assignment(
     Example:
         >>> import torch
         >>> scores = torch.tensor([[[3.0, 1.0], [1.0, 0.0]], [[1.0, 5.0], [4.0, 1.0]]])
-        >>> value, upper, assignment = auction_assignment(scores, tol=1e-6)
-        >>> value
+        >>> result = auction_assignment(scores, tol=1e-6)
+        >>> result.value
         tensor([3., 9.], dtype=torch.float64)
-        >>> bool((upper - value <= 1e-6).all())
+        >>> bool((result.gap <= 1e-6).all())
         True
-        >>> assignment
+        >>> result.permutation
         tensor([[0, 1],
                 [1, 0]])
     """
-    _check_auction_inputs(scores, tol, max_iter)
+    check_scores(scores)
+    _check_options(scores, tol, max_iter)
     device = scores.device
     work = scores.detach().to(torch.float64)
     batch, size, _ = work.shape
@@ -290,10 +282,10 @@ def auction_assignment(
     if size == 1 or batch == 0:
         assignment = torch.zeros(batch, size, dtype=torch.long, device=device)
         value = work.sum(dim=(1, 2))
-        return value, value.clone(), assignment
+        return Assignment(value, value.clone(), assignment)
     auction = _Auction(work, tol)
     auction.run(max_iter)
     assignment = auction.assigned.view(batch, size) - auction.offset.unsqueeze(1)
     best = (work - auction.price.unsqueeze(1)).amax(dim=2)
     value, upper = _certificate(work, auction.price, assignment, best)
-    return value, upper, assignment
+    return Assignment(value, upper, assignment)

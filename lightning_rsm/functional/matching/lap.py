@@ -44,12 +44,13 @@ warm starts are then ignored (scipy returns no duals), results are the same.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from lightning_rsm.functional.checks import check_scores
+from lightning_rsm.functional.matching.assignment import Assignment
 from lightning_rsm.functional.matching.jonker_volgenant import (
     HAVE_NUMBA,
     NOT_FINITE,
@@ -208,7 +209,7 @@ def solve_into(
 
     ``slots[b]`` is the row of ``assign``/``duals`` that holds matrix b's solution (-1: none),
     used as the start where ``warm[b]``. Returns ``(values (B,), rows (B, 3))``: the two
-    counts of :class:`LapResult` ``rows``, then 1 where a warm start was tried but the matrix
+    counts of :attr:`Assignment.rows`, then 1 where a warm start was tried but the matrix
     was solved cold. Without numba the solves are cold (scipy) and nothing is stored.
     """
     batch = scores.shape[0]
@@ -225,13 +226,12 @@ def solve_into(
     return values, rows
 
 
-def cold_values(scores: np.ndarray, backend: str | None = None) -> np.ndarray:
-    """Optimal values of float64 ``scores`` (B, S, S), solved cold (numba, else scipy)."""
-    scores = np.ascontiguousarray(scores, dtype=np.float64)
-    none = np.full(scores.shape[0], -1, dtype=np.int64)
-    assign = np.empty((0, scores.shape[1]), dtype=np.int64)  # the types of the public API:
-    duals = np.empty((0, scores.shape[1]), dtype=np.float64)  # no extra compilation
-    return solve_into(scores, none, np.zeros(len(none), np.bool_), assign, duals, backend)[0]
+def cold_solve(scores: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal values ``(B,)`` and assignments ``(B, S)`` of finite real ``scores`` (B, S, S),
+    solved cold (numba, else scipy)."""
+    array = np.ascontiguousarray(scores, dtype=np.float64)
+    values, assign, _, _ = _solve(array, None, _resolve_backend(backend))
+    return values, assign
 
 
 def _resolve_backend(backend: object) -> str:
@@ -246,36 +246,32 @@ def _resolve_backend(backend: object) -> str:
     return backend
 
 
-class LapResult(NamedTuple):
-    """Solutions of B assignment problems of size S, see :func:`linear_assignment_batch`."""
-
-    #: float64 ``(B,)``: the optimal ``sum_s scores[b, s, assignment[b, s]]``.
-    value: np.ndarray
-    #: int64 ``(B, S)``: the column assigned to each row.
-    assignment: np.ndarray
-    #: float64 ``(B, S)``: optimal column duals of the cost ``-scores`` (NaN with scipy).
-    duals: np.ndarray
-    #: int64 ``(B, 2)``: rows not kept from the warm start (S when cold), and rows that needed a
-    #: shortest augmenting path.
-    rows: np.ndarray
+#: The former name of :class:`Assignment` (fields ``value, assignment, duals, rows`` of NumPy
+#: arrays then), kept importable.
+LapResult = Assignment
 
 
-def _as_scores(scores: object) -> np.ndarray:
-    if isinstance(scores, Tensor):
-        scores = scores.detach().cpu().numpy()
-    array = np.asarray(scores)
-    if array.ndim != 3 or array.shape[1] != array.shape[2] or array.shape[1] == 0:
-        raise ValueError(
-            "Expected `scores` to be a block of non-empty square matrices of shape (B, S, S), "
-            f"but got shape {array.shape}."
-        )
-    if array.dtype.kind not in "fiu":
-        raise TypeError(f"Expected `scores` to have a real dtype, but got {array.dtype}.")
-    array = np.ascontiguousarray(array, dtype=np.float64)
-    n_bad = int((~np.isfinite(array)).sum())
-    if n_bad:
-        raise ValueError(f"Expected `scores` to be finite, but got {n_bad} NaN/Inf values.")
-    return array
+def _solve(
+    array: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None, backend: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Solve finite C-contiguous float64 ``array`` (B, S, S), warm from ``prior`` (assignment,
+    duals) if given; returns the values, assignments, column duals and the two row counts."""
+    batch, size = array.shape[:2]
+    values = np.empty(batch, dtype=np.float64)
+    assign = np.empty((batch, size), dtype=np.int64)
+    if backend == "scipy":
+        _scipy_batch(array, values, assign)
+        rows = np.zeros((batch, 2), dtype=np.int64)
+        rows[:, 0] = size
+        return values, assign, np.full((batch, size), np.nan), rows
+    dual = np.zeros((batch, size), dtype=np.float64)
+    if prior is not None:
+        assign[:] = np.clip(prior[0], -1, size).astype(np.int64)
+        dual[:] = prior[1].astype(np.float64)
+    rows = np.empty((batch, 3), dtype=np.int64)
+    slots = np.arange(batch, dtype=np.int64)
+    _solve_batch(array, slots, np.full(batch, prior is not None), assign, dual, values, rows)
+    return values, assign, dual, rows[:, :2].copy()
 
 
 def linear_assignment_batch(
@@ -284,7 +280,7 @@ def linear_assignment_batch(
     assignment: Tensor | np.ndarray | None = None,
     duals: Tensor | np.ndarray | None = None,
     backend: str | None = None,
-) -> LapResult:
+) -> Assignment:
     """Exact maximum-score assignment of each of B score matrices, optionally warm-started.
 
     Jonker-Volgenant (column reduction, augmenting row reduction, shortest augmenting paths),
@@ -293,44 +289,51 @@ def linear_assignment_batch(
     tight, or can be made tight by raising that column's dual, keeps it and only the other rows
     are re-assigned; the result is exact either way (see the module notes on rounding).
 
-    .. note:: Runs on CPU; the first call compiles the solver (about 2 s, cached on disk).
+    .. note:: Solves on CPU (results go back to the device of ``scores``); the first call
+        compiles the solver (about 2 s, cached on disk).
 
     Args:
-        scores: real array or tensor of shape ``(B, S, S)``; ``scores[b, s, t]`` is the gain of
-            assigning row ``s`` to column ``t``.
-        assignment: optional previous solution, integer ``(B, S)``; needs ``duals``.
+        scores: real tensor (or NumPy array) of shape ``(B, S, S)``; ``scores[b, s, t]`` is the
+            gain of assigning row ``s`` to column ``t``.
+        assignment: optional previous solution, integer ``(B, S)`` (e.g. a previous result's
+            ``permutation``); needs ``duals``.
         duals: optional previous column duals, float ``(B, S)``; needs ``assignment``.
         backend: ``"numba"``, ``"scipy"`` (cold only: warm starts are ignored, duals are NaN)
             or None for numba when importable, else scipy.
 
     Returns:
-        :class:`LapResult` ``(value, assignment, duals, rows)``.
+        :class:`~lightning_rsm.functional.matching.assignment.Assignment` with ``upper ==
+        value``, the column ``duals`` (warm-start state) and the ``rows`` counts, on the device
+        of ``scores`` (CPU for an array).
 
     Raises:
-        TypeError: If ``scores`` is not real.
+        TypeError: If ``scores`` is not a tensor or array of a real dtype.
         ValueError: If ``scores`` is not ``(B, S, S)`` with S >= 1 or holds NaN/Inf, only one of
             ``assignment`` and ``duals`` is given or either is not ``(B, S)``, or ``backend`` is
             unknown (or numba is missing for ``"numba"``).
 
     Example:
-        >>> result = linear_assignment_batch(np.array([[[3.0, 1.0], [2.0, 0.0]]]))
-        >>> result.value, result.assignment
-        (array([3.]), array([[1, 0]]))
-        >>> warm = linear_assignment_batch(np.array([[[3.0, 1.5], [2.0, 0.0]]]),
-        ...                                assignment=result.assignment, duals=result.duals)
+        >>> import torch
+        >>> result = linear_assignment_batch(torch.tensor([[[3.0, 1.0], [2.0, 0.0]]]))
+        >>> result.value, result.permutation
+        (tensor([3.], dtype=torch.float64), tensor([[1, 0]]))
+        >>> warm = linear_assignment_batch(torch.tensor([[[3.0, 1.5], [2.0, 0.0]]]),
+        ...                                assignment=result.permutation, duals=result.duals)
         >>> warm.value, warm.rows  # the old solution is still optimal: no row re-assigned
-        (array([3.5]), array([[0, 0]]))
+        (tensor([3.5000], dtype=torch.float64), tensor([[0, 0]]))
     """
     backend = _resolve_backend(backend)
-    array = _as_scores(scores)
-    batch, size = array.shape[:2]
+    if isinstance(scores, np.ndarray):
+        scores = torch.from_numpy(scores)
+    check_scores(scores)
+    batch, size = scores.shape[:2]
     if (assignment is None) != (duals is None):
         raise ValueError(
             "Expected `assignment` and `duals` both or neither, "
             f"but got {'duals' if assignment is None else 'assignment'} missing."
         )
-    warm = assignment is not None
-    if warm:
+    prior = None
+    if assignment is not None:
         prior = []
         for name, given in (("assignment", assignment), ("duals", duals)):
             if isinstance(given, Tensor):
@@ -341,19 +344,14 @@ def linear_assignment_batch(
                     f"Expected `{name}` of shape {(batch, size)}, but got shape {given.shape}."
                 )
             prior.append(given)
-    values = np.empty(batch, dtype=np.float64)
-    assign = np.empty((batch, size), dtype=np.int64)
-    if backend == "scipy":
-        _scipy_batch(array, values, assign)
-        rows = np.zeros((batch, 2), dtype=np.int64)
-        rows[:, 0] = size
-        nan = np.full((batch, size), np.nan)
-        return LapResult(values, assign, nan, rows)
-    dual = np.zeros((batch, size), dtype=np.float64)
-    if warm:
-        assign[:] = np.clip(prior[0], -1, size).astype(np.int64)
-        dual[:] = prior[1].astype(np.float64)
-    rows = np.empty((batch, 3), dtype=np.int64)
-    slots = np.arange(batch, dtype=np.int64)
-    _solve_batch(array, slots, np.full(batch, warm), assign, dual, values, rows)
-    return LapResult(values, assign, dual, rows[:, :2].copy())
+        prior = tuple(prior)
+    array = np.ascontiguousarray(scores.detach().cpu().double().numpy())
+    values, assign, dual, rows = _solve(array, prior, backend)
+    value = torch.from_numpy(values).to(scores.device)
+    return Assignment(
+        value,
+        value.clone(),
+        torch.from_numpy(assign).to(scores.device),
+        torch.from_numpy(dual).to(scores.device),
+        torch.from_numpy(rows).to(scores.device),
+    )
