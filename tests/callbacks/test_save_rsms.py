@@ -53,7 +53,7 @@ def test_each_evaluation_is_saved_at_its_history_step_with_the_rsms_it_was_score
                 for score, value in scores.items():  # the very numbers logged
                     assert float(value) == row[f"rsm/{layer}/{kind}/{score}"], (layer, kind)
     for layer in LAYERS:  # the last evaluation's RSMs, bit for bit
-        assert torch.equal(archive[-1].rsms[layer]["semantic"], monitor._previous[layer])
+        assert torch.equal(archive[-1].rsms[layer]["semantic"], monitor.rsms[layer]["semantic"])
 
 
 def test_without_a_logger_dir_the_archive_is_in_the_default_root_dir(loader, probe, tmp_path):
