@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -143,6 +144,20 @@ class MonitorConfig:
     def by_steps(self) -> bool:
         """Whether evaluations are scheduled by optimizer steps (else by epochs)."""
         return self.every_n_train_steps is not None
+
+    @property
+    def rsm_options(self) -> dict[str, Any]:
+        """The options of :func:`~lightning_rsm.functional.semantic_rsm` the monitor sets:
+        ``kernel``, ``matcher``, ``sigma``, ``window``, ``tol``."""
+        names = ("kernel", "matcher", "sigma", "window", "tol")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def feature_options(self) -> dict[str, Any]:
+        """How features are taken from a model (the monitored one or a reference network):
+        ``batch_size``, ``max_positions``, ``forward_fn`` and the token options."""
+        names = ("batch_size", "max_positions", "forward_fn", "special_tokens", "tokens")
+        return {name: getattr(self, name) for name in (*names, "token_grid")}
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen dataclass on creation

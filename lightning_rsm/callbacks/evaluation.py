@@ -162,11 +162,7 @@ class Evaluator:
         return {
             layer: semantic_rsm(
                 concepts,
-                kernel=config.kernel,
-                matcher=config.matcher,
-                sigma=config.sigma,
-                window=config.window,
-                tol=config.tol,
+                **config.rsm_options,
                 num_workers=self.solver_threads,
                 distributed=distributed,
                 progress=progress and f"RSMMonitor {layer}",

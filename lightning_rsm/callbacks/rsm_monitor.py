@@ -467,10 +467,7 @@ class RSMMonitor(*CALLBACK_BASES):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deliver_finished(trainer, wait=True)
-        if self.config.log_images and self.history:
-            reporting.report_history(
-                trainer, self.plot_history, self._log_step, warn_once=self._warnings.warn
-            )
+        self._report_history(trainer)
         self._warn_skipped()
 
     @override
@@ -582,18 +579,9 @@ class RSMMonitor(*CALLBACK_BASES):
                 rsms[name] = references.reference_rsm(
                     network,
                     self._inputs,
-                    kernel=c.kernel,
-                    matcher=c.matcher,
-                    sigma=c.sigma,
-                    window=c.window,
-                    tol=c.tol,
+                    **c.rsm_options,
+                    **c.feature_options,
                     num_workers=self._solver_threads,
-                    batch_size=c.batch_size,
-                    max_positions=c.max_positions,
-                    forward_fn=c.forward_fn,
-                    special_tokens=c.special_tokens,
-                    tokens=c.tokens,
-                    token_grid=c.token_grid,
                 )
             except (TypeError, ValueError) as error:
                 raise type(error)(f"`targets[{name!r}]`: {error}") from error
@@ -607,15 +595,10 @@ class RSMMonitor(*CALLBACK_BASES):
             pl_module,
             c.layers,
             inputs,
-            batch_size=c.batch_size,
-            max_positions=c.max_positions,
+            **c.feature_options,
             logits_fn=c.logits_fn,
             want_logits=self._use_logits,
             forward_context=trainer.precision_plugin.forward_context,
-            forward_fn=c.forward_fn,
-            special_tokens=c.special_tokens,
-            tokens=c.tokens,
-            token_grid=c.token_grid,
             warn=lambda message: self._warnings.warn(f"RSMMonitor: {message}"),
         )
 
@@ -815,6 +798,13 @@ class RSMMonitor(*CALLBACK_BASES):
             return False
         self.skipped.append({"epoch": trainer.current_epoch, "step": trainer.global_step})
         return True
+
+    def _report_history(self, trainer: pl.Trainer) -> None:
+        """At fit end: the scores over the evaluations (:meth:`plot_history`) as ``rsm/history``."""
+        if self.config.log_images and self.history:
+            reporting.report_history(
+                trainer, self.plot_history, self._log_step, warn_once=self._warnings.warn
+            )
 
     def _warn_skipped(self) -> None:
         if self.skipped:
