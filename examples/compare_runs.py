@@ -33,7 +33,7 @@ def train(seed: int, log_dir: Path, *, epochs: int, per_class: int, train_size: 
     images, labels = shifted_digits(seed=0)
     probe_idx, train_idx = split_probe(labels, per_class, seed=0)
     train_idx = train_idx[:train_size]
-    pl.seed_everything(seed, verbose=False)
+    pl.seed_everything(seed)
     train_loader = DataLoader(
         TensorDataset(images[train_idx], labels[train_idx]), batch_size=32, shuffle=True
     )

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 KEY, IMAGE = "rsm/conv/semantic/map", "rsm/conv/heatmap"
 
 

@@ -16,6 +16,8 @@ from torch import Tensor
 from lightning_rsm import RSMMonitor
 from lightning_rsm.targets import reference_rsm
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 
 def pixels(inputs: Any) -> Tensor:
     """A reference 'network' given as a callable: the raw pixels."""

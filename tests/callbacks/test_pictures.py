@@ -23,6 +23,8 @@ from lightning_rsm import RSMMonitor
 from lightning_rsm.functional import rsm_scores
 from lightning_rsm.plotting import next_colour_range
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 LAYERS = ["conv", "pool"]
 
 

@@ -19,6 +19,8 @@ from lightning_rsm import RSMMonitor, load_rsms, probe_fingerprint
 from lightning_rsm.functional import compare_rsms, jensen_shannon_similarity, rsm_scores
 from lightning_rsm.targets import reference_rsm
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 LAYERS = ["conv", "pool"]
 
 

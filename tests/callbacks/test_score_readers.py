@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
 
+pytestmark = pytest.mark.oldest  # also run on the oldest versions: make test-oldest
+
 KEY = "rsm/conv/semantic/map"
 
 
