@@ -47,7 +47,7 @@ Evaluator.render = _timed_render
 
 def fit(log_images: bool, epochs: int, per_class: int, folder: str) -> tuple[float, list[float]]:
     """Seconds of ``trainer.fit`` and the ``rsm/time_s`` of every evaluation but the first."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     images, labels = shifted_digits(seed=0)
     probe_idx, train_idx = split_probe(labels, per_class, seed=0)
     train_idx = train_idx[:600]

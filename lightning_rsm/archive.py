@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +171,10 @@ def _archive_files(folder: Path) -> dict[int, Path]:
 def _read(path: Path) -> dict[str, Any]:
     """One archive file's dict (tensors memory-mapped), or ``ValueError`` if it is not one."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch 2.1-2.2 warn of TypedStorage on every load
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            # a str, not a Path: torch 2.1 memory-maps only a file name
+            content = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ValueError(
             f"Expected {str(path)!r} to be an RSM archive file, but it could not be loaded "

@@ -37,7 +37,7 @@ def test_model_and_callable_targets_log_what_their_reference_rsms_given_directly
     histories = []
     for targets in (networks, tensors):
         monitor = RSMMonitor(probe, ["conv", "pool"], targets=targets, **options)
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         fit(TinyNet(), loader, monitor, tmp_path, max_epochs=2)
         histories.append(untimed(monitor.history))
     assert histories[0] == histories[1]

@@ -122,7 +122,7 @@ def test_the_colour_scale_is_held_and_a_resume_draws_as_a_straight_run(data, pro
     loader = DataLoader(TensorDataset(*data), batch_size=16)
 
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[Recorder, ModelCheckpoint]:
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         monitor = RSMMonitor(probe, LAYERS)
         recorder = Recorder(monitor)
         name = f"{max_epochs}_{ckpt_path is not None}"

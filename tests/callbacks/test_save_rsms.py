@@ -25,7 +25,7 @@ LAYERS = ["conv", "pool"]
 
 
 def saved_fit(monitor, loader, root, **overrides) -> pl.Trainer:
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     return fit(TinyNet(), loader, monitor, root, **overrides)
 
 
@@ -92,7 +92,7 @@ def test_background_saves_the_synchronous_archive_bit_for_bit(data, probe, tmp_p
     for background in (False, True):
         root = tmp_path / f"background={background}"
         monitor = RSMMonitor(probe, LAYERS, save_rsms=True, background=background)
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         model = TinyNetWithVal() if val else TinyNet()
         fit(model, loader, monitor, root, val=loader if val else None, max_epochs=3)
         archives[background] = load_rsms(root)
@@ -113,7 +113,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_rewrites_and_equals_a_straight
 
     def run(root, max_epochs, ckpt_path=None, callbacks=()) -> RSMMonitor:
         monitor = RSMMonitor(probe, LAYERS, save_rsms=True)
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(0)
         fit(TinyNet(), loader, monitor, root, callbacks=callbacks, ckpt_path=ckpt_path,
             max_epochs=max_epochs, enable_checkpointing=bool(callbacks))  # fmt: skip
         return monitor
@@ -184,7 +184,7 @@ class LoggerPerRank(Callback):
 def test_ddp_rank_zero_alone_saves_and_a_model_target_is_the_reference_rsm(data, probe, tmp_path):
     """2 gloo processes (ddp_spawn): rank 0's folder holds the archive, rank 1's none; the
     teacher's RSM, computed by rank 0 and broadcast, is the one ``reference_rsm`` gives."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     teacher = TinyNet()
     x, y = probe
     monitor = RSMMonitor(probe, LAYERS, save_rsms=True, targets={"teacher": (teacher, "conv")})

@@ -102,10 +102,14 @@ def wandb_steps(save_dir: str) -> dict[str, list[int]]:
 
 
 def mlflow_steps(client, run_id: str, key: str) -> list[int]:
-    """Steps of a metric, or of a stepped image (artifact ``images/<key>+step+<n>+...``)."""
+    """Steps of a metric, or of a stepped image: artifact ``images/<key>+step+<n>+...`` with
+    ``/`` as ``~`` (MLflow 2.15 on), ``images/<key>%step%<n>%...`` with ``/`` as ``#`` before."""
     metric = [m.step for m in client.get_metric_history(run_id, key)]
     if metric:
         return metric
-    prefix = f"images/{key.replace('/', '~')}+step+"
     paths = [a.path for a in client.list_artifacts(run_id, "images")]
-    return sorted({int(p[len(prefix) :].split("+")[0]) for p in paths if p.startswith(prefix)})
+    steps = set()
+    for slash, sep in (("~", "+"), ("#", "%")):
+        prefix = f"images/{key.replace('/', slash)}{sep}step{sep}"
+        steps |= {int(p[len(prefix) :].split(sep)[0]) for p in paths if p.startswith(prefix)}
+    return sorted(steps)
