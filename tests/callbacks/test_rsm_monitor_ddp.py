@@ -125,10 +125,12 @@ def test_an_evaluation_failing_on_one_rank_is_skipped_on_every_rank(
         for rank_saw in seen
     ]
     assert untimed[0] == untimed[1]
-    # rank 0 warns (rank_zero_warn) about rank 1's failure; rank 1 stays quiet
-    assert len(seen[0]["warnings"]) == 1
-    assert "evaluation at epoch 1 failed and was skipped on rank 1" in seen[0]["warnings"][0]
-    assert "to be finite" in seen[0]["warnings"][0]
+    # rank 0 warns (rank_zero_warn) about rank 1's failure; rank 1 stays quiet. The one cost
+    # warning ("monitoring adds ...") depends on the machine's load: it is not counted here.
+    failures = [m for m in seen[0]["warnings"] if "monitoring adds" not in m]
+    assert len(failures) == 1
+    assert "evaluation at epoch 1 failed and was skipped on rank 1" in failures[0]
+    assert "to be finite" in failures[0]
     assert seen[1]["warnings"] == []
 
 
