@@ -42,8 +42,9 @@ def fit(mode: str, epochs: int, probe_size: int, width: int) -> tuple[float, lis
     train = DataLoader(TensorDataset(images[probe_size:], labels[probe_size:]), batch_size=64)
     callbacks = []
     if mode != "none":
-        monitor = RSMMonitor(probe, LAYERS, solver_threads=1, background=mode == "background",
-                             log_images=False)  # fmt: skip
+        monitor = RSMMonitor(
+            probe, LAYERS, solver_threads=1, background=mode == "background", log_images=False
+        )
         callbacks.append(monitor)
     pl.seed_everything(0)
     trainer = pl.Trainer(

@@ -67,8 +67,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[120, 500], help="probe sizes")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     header = ["N", "semantic RSM s", "heatmap pair", "neighbours", "layer RSA", "history (30)"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     layers = ["block1", "block2", "block3"]

@@ -92,8 +92,16 @@ def fit_monitored(mode: str, device: torch.device, probe_size: int, epochs: int,
     train = DataLoader(TensorDataset(images[probe_size:], labels[probe_size:]), batch_size=64)
     callbacks = []
     if mode != "none":
-        callbacks.append(RSMMonitor(probe, MONITOR_LAYERS, matcher="auction", tol=tol,
-                                    background=mode == "background", log_images=False))  # fmt: skip
+        callbacks.append(
+            RSMMonitor(
+                probe,
+                MONITOR_LAYERS,
+                matcher="auction",
+                tol=tol,
+                background=mode == "background",
+                log_images=False,
+            )
+        )
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_epochs=epochs,

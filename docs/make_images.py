@@ -97,8 +97,11 @@ def main() -> None:
     out = Path("docs/images")
     when = {"epoch": 3, "step": step}
     block3 = rsms["block3"]
-    save(heatmap_figure(block3, probe_labels, layer="block3", kernel="cosine", **when),
-         out / "heatmaps.png", 80)  # fmt: skip
+    save(
+        heatmap_figure(block3, probe_labels, layer="block3", kernel="cosine", **when),
+        out / "heatmaps.png",
+        80,
+    )
     layer_rsa = rsa_matrix([rsms[layer]["semantic"] for layer in DEMO_LAYERS])
     save(rsa_figure(layer_rsa, DEMO_LAYERS, method="spearman", **when), out / "layer_rsa.png", 80)
     queries = query_indices(probe_labels, len(probe), max_queries=4)

@@ -427,8 +427,15 @@ def rsa_figure(
     for i in range(count):
         for j in range(count):
             luminance = colours[i, j, :3] @ np.array([0.299, 0.587, 0.114])
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=size,
-                    color="black" if luminance > 0.5 else "white")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="black" if luminance > 0.5 else "white",
+            )
     ticks = list(range(count))
     ax.set_xticks(ticks, labels=list(layers), rotation=45, ha="right", fontsize=8)
     ax.set_yticks(ticks, labels=list(layers), fontsize=8)
@@ -680,8 +687,15 @@ def neighbours_figure(
         y0 = r * cell_h + band + pad
         canvas[y0 : y0 + height, x0 + pad : x0 + pad + width] = pixels[sample]
         d = 0.35 * pad
-        frame = Rectangle((x0 + pad - 0.5 - d, y0 - 0.5 - d), width + 2 * d, height + 2 * d,
-                          fill=False, edgecolor=colour, linewidth=line, gid=gid)  # fmt: skip
+        frame = Rectangle(
+            (x0 + pad - 0.5 - d, y0 - 0.5 - d),
+            width + 2 * d,
+            height + 2 * d,
+            fill=False,
+            edgecolor=colour,
+            linewidth=line,
+            gid=gid,
+        )
         ax.add_patch(frame)
         ax.text(x0 + cell_w / 2, y0 - pad, text, ha="center", va="bottom", fontsize=8, gid=gid)
 
@@ -699,8 +713,14 @@ def neighbours_figure(
                 )
                 text = f"{fmt.format(float(scores[r, rank]))} {_label_text(labels, j)}"
                 cell(x0 + rank * cell_w, r, j, colour, 2.5, text, f"{kind}/{q}/{rank}")
-        ax.text(x0 + k * cell_w / 2, -header / 2, f"{kind}: top {k}", ha="center", va="center",
-                fontsize=9)  # fmt: skip
+        ax.text(
+            x0 + k * cell_w / 2,
+            -header / 2,
+            f"{kind}: top {k}",
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
     ax.imshow(canvas, extent=(-0.5, total_w - 0.5, total_h - 0.5, -0.5), interpolation="nearest")
     ax.set_xlim(-0.5 - pad, total_w - 0.5)
     ax.set_ylim(total_h - 0.5, -header)
@@ -734,8 +754,9 @@ def _parse_key(key: str) -> tuple[str, str | None, str] | None:
 
 
 def _score_rank(score: str) -> tuple[int, str]:
-    for rank, prefix in enumerate(("map", "precision@", "recall@", "f1@", "probability_agreement",
-                                   "rsa_to_previous", "vs_")):  # fmt: skip
+    for rank, prefix in enumerate(
+        ("map", "precision@", "recall@", "f1@", "probability_agreement", "rsa_to_previous", "vs_")
+    ):
         if score.startswith(prefix):
             return rank, score
     return (8, score) if score == "time_s" else (7, score)
@@ -813,8 +834,16 @@ def history_figure(
     colours = {layer: palette(i % palette.N) for i, layer in enumerate(layers)}
     for ax, score in zip(axes, scores, strict=False):
         for (layer, kind), ys in series[score].items():
-            ax.plot(xs, ys, _STYLES[kind], color=colours.get(layer, "black"), marker="o",
-                    markersize=3, linewidth=1.4, gid=f"{layer}/{kind or '-'}/{score}")  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                _STYLES[kind],
+                color=colours.get(layer, "black"),
+                marker="o",
+                markersize=3,
+                linewidth=1.4,
+                gid=f"{layer}/{kind or '-'}/{score}",
+            )
         ax.set_title(_score_title(score), fontsize=9)
         if score == "time_s":
             ax.set_ylim(bottom=0.0)  # a duration reads against zero
@@ -826,11 +855,19 @@ def history_figure(
         ax.remove()
     handles = [Line2D([], [], color=colours[layer], label=layer) for layer in layers]
     kinds = {kind for lines in series.values() for _, kind in lines if kind is not None}
-    handles += [Line2D([], [], color="grey", linestyle=_STYLES[kind], label=kind)
-                for kind in _KINDS if kind in kinds]  # fmt: skip
+    handles += [
+        Line2D([], [], color="grey", linestyle=_STYLES[kind], label=kind)
+        for kind in _KINDS
+        if kind in kinds
+    ]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
-                   fontsize=8, frameon=False)  # fmt: skip
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(len(handles), 6),
+            fontsize=8,
+            frameon=False,
+        )
     fig.suptitle("RSM scores over training", fontsize=11)
     return fig
 
@@ -895,9 +932,14 @@ def evaluation_figures(
         else:
             ranges[layer] = heatmap_range
         figures[f"rsm/{layer}/heatmap"] = heatmap_figure(
-            kinds, labels, layer=layer, epoch=epoch, step=step, colour_range=ranges[layer],
+            kinds,
+            labels,
+            layer=layer,
+            epoch=epoch,
+            step=step,
+            colour_range=ranges[layer],
             kernel=kernel,
-        )  # fmt: skip
+        )
         if images is not None:
             figures[f"rsm/{layer}/neighbours"] = neighbours_figure(
                 kinds, images, labels, k=k, layer=layer, epoch=epoch, step=step

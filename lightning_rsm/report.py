@@ -50,8 +50,10 @@ def _score_rows(folder: Path, steps: Sequence[int], method: str) -> list[tuple]:
         for layer, kinds in evaluation.rsms.items():
             for kind, rsm in kinds.items():
                 scores = rsm_scores(rsm, evaluation.labels, evaluation.logits)
-                rows += [(step, evaluation.epoch, layer, kind, key, float(v))
-                         for key, v in scores.items()]  # fmt: skip
+                rows += [
+                    (step, evaluation.epoch, layer, kind, key, float(v))
+                    for key, v in scores.items()
+                ]
             before = previous.rsms.get(layer, {}) if previous is not None else {}
             if "semantic" in kinds and "semantic" in before:
                 rsa = compare_rsms(kinds["semantic"], before["semantic"], method=method)
@@ -131,9 +133,14 @@ def write_report(
     semantic = [kinds["semantic"] for kinds in chosen.rsms.values() if "semantic" in kinds]
     layer_rsa = rsa_matrix(semantic, method=method) if len(semantic) > 1 else None
     figures, _ = evaluation_figures(
-        chosen.rsms, chosen.labels, epoch=chosen.epoch, step=chosen.step, kernel=kernel,
-        layer_rsa=layer_rsa, method=method,
-    )  # fmt: skip
+        chosen.rsms,
+        chosen.labels,
+        epoch=chosen.epoch,
+        step=chosen.step,
+        kernel=kernel,
+        layer_rsa=layer_rsa,
+        method=method,
+    )
     for tag, figure in figures.items():
         path = out / image_file_name(tag, chosen.step)
         path.write_bytes(figure_to_png(figure))

@@ -229,8 +229,15 @@ def comparison_figure(result: RunComparison, name_a: str = "A", name_b: str = "B
         result.matrix.flatten().tolist(),
         strict=True,
     ):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                color="white" if abs(value) > 0.6 else "black")  # fmt: skip
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white" if abs(value) > 0.6 else "black",
+        )
     ax.set_xticks(range(cols), result.layers_b, rotation=45, ha="right")
     ax.set_yticks(range(rows), result.layers_a)
     ax.set_xlabel(f"{name_b} (step {result.step_b})")

@@ -79,9 +79,16 @@ def reference_features(
             raise TypeError(f"Expected the reference's layer to be a str, but got {layer!r}.")
         check_layer_names(model, [layer])
         with untouched(model):
-            features, _ = capture_layers(model, [layer], inputs, batch_size=batch_size,
-                                         max_positions=max_positions, want_logits=False,
-                                         forward_fn=forward_fn, **options)  # fmt: skip
+            features, _ = capture_layers(
+                model,
+                [layer],
+                inputs,
+                batch_size=batch_size,
+                max_positions=max_positions,
+                want_logits=False,
+                forward_fn=forward_fn,
+                **options,
+            )
         return features[layer]
     if not callable(reference):
         raise TypeError(
@@ -102,8 +109,9 @@ def reference_features(
                     f"({batch_length(batch)}, ...) for a batch of {batch_length(batch)}, "
                     f"but got {getattr(features, 'shape', type(features).__name__)}."
                 )
-            concepts = to_concepts(features.detach().float(), max_positions=max_positions,
-                                   name="reference", **options)  # fmt: skip
+            concepts = to_concepts(
+                features.detach().float(), max_positions=max_positions, name="reference", **options
+            )
             parts.append(concepts.cpu())
     return torch.cat(parts)
 
@@ -153,6 +161,13 @@ def reference_rsm(
         tokens=tokens,
         token_grid=token_grid,
     )
-    rsm = semantic_rsm(features, kernel=kernel, matcher=matcher, sigma=sigma, window=window,
-                       tol=tol, num_workers=num_workers)  # fmt: skip
+    rsm = semantic_rsm(
+        features,
+        kernel=kernel,
+        matcher=matcher,
+        sigma=sigma,
+        window=window,
+        tol=tol,
+        num_workers=num_workers,
+    )
     return rsm.float().cpu()

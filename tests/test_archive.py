@@ -42,9 +42,20 @@ def test_a_file_holds_the_documented_keys_and_upper_triangles(tmp_path):
     assert path.name == "step=0000000007.pt"
     content = torch.load(path, weights_only=True)
     assert set(content) == {
-        "format", "version", "step", "epoch", "evaluation", "n", "layers", "rsms", "labels",
-        "logits", "ids", "fingerprint", "settings",
-    }  # fmt: skip
+        "format",
+        "version",
+        "step",
+        "epoch",
+        "evaluation",
+        "n",
+        "layers",
+        "rsms",
+        "labels",
+        "logits",
+        "ids",
+        "fingerprint",
+        "settings",
+    }
     assert (content["format"], content["version"], content["step"]) == (
         "lightning_rsm.archive",
         1,

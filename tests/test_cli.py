@@ -174,8 +174,12 @@ def test_defaults_are_the_callback_defaults_and_shown_by_help(capsys):
     args = build_parser().parse_args(["compute", "f.pt", "-o", "o.pt"])
     assert args.max_positions == DEFAULT_MAX_POSITIONS == 64
     assert args.progress is None  # a bar exactly when stderr is a terminal
-    assert build_parser().parse_args(["compute", "f.pt", "-o", "o", "--max-positions", "none"]
-                                     ).max_positions is None  # fmt: skip
+    assert (
+        build_parser()
+        .parse_args(["compute", "f.pt", "-o", "o", "--max-positions", "none"])
+        .max_positions
+        is None
+    )
     with pytest.raises(SystemExit):
         main(["compute", "--help"])
     assert "(default: 64)" in " ".join(capsys.readouterr().out.split())

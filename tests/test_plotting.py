@@ -98,8 +98,12 @@ def test_heatmap_ticks_are_the_class_ids_with_boundaries_and_a_titled_layer():
     assert ax.get_xticks().tolist() == [1.5, 5.5, 9.5]  # the centres of blocks of 4
     boundaries = [c for c in ax.collections if c.get_gid() == "boundaries"]
     lines = [segment.tolist() for c in boundaries for segment in c.get_segments()]
-    assert lines == [[[-0.5, 3.5], [11.5, 3.5]], [[-0.5, 7.5], [11.5, 7.5]],  # rows
-                     [[3.5, -0.5], [3.5, 11.5]], [[7.5, -0.5], [7.5, 11.5]]]  # fmt: skip
+    assert lines == [
+        [[-0.5, 3.5], [11.5, 3.5]],
+        [[-0.5, 7.5], [11.5, 7.5]],  # rows
+        [[3.5, -0.5], [3.5, 11.5]],
+        [[7.5, -0.5], [7.5, 11.5]],
+    ]
     assert fig.get_suptitle() == "blocks.3: epoch 4, step 120"
     assert torch.equal(torch.as_tensor(ax.images[0].get_array()), sort_by_label(rsm, LABELS))
 
@@ -154,8 +158,9 @@ def test_neighbours_are_the_top_k_others_and_their_frames_mark_the_class():
 
 def test_neighbours_of_a_multi_hot_probe_are_right_when_they_share_a_label():
     multi_hot = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1]])
-    rsm = torch.tensor([[1.0, 0.1, 0.9, 0.5], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.3],
-                        [0.5, 0.8, 0.3, 1.0]])  # fmt: skip
+    rsm = torch.tensor(
+        [[1.0, 0.1, 0.9, 0.5], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.3], [0.5, 0.8, 0.3, 1.0]]
+    )
     fig = neighbours_figure(
         {"semantic": rsm}, torch.rand(4, 1, 5, 5), multi_hot, queries=[0, 3], k=2
     )
@@ -167,8 +172,9 @@ def test_neighbours_of_a_multi_hot_probe_are_right_when_they_share_a_label():
 
 
 def test_nearest_neighbours_exclude_the_query_and_break_ties_by_index():
-    rsm = torch.tensor([[1.0, 0.5, 0.5, 0.9], [0.5, 1.0, 0.2, 0.2], [0.5, 0.2, 1.0, 0.2],
-                        [0.9, 0.2, 0.2, 1.0]])  # fmt: skip
+    rsm = torch.tensor(
+        [[1.0, 0.5, 0.5, 0.9], [0.5, 1.0, 0.2, 0.2], [0.5, 0.2, 1.0, 0.2], [0.9, 0.2, 0.2, 1.0]]
+    )
     indices, scores = nearest_neighbours(rsm, [0, 1], 3)
     assert indices.tolist() == [[3, 1, 2], [0, 2, 3]]
     torch.testing.assert_close(scores, torch.tensor([[0.9, 0.5, 0.5], [0.5, 0.2, 0.2]]))
@@ -199,15 +205,33 @@ def test_only_image_shaped_inputs_are_drawable():
 
 def test_trajectories_draw_every_score_of_the_history():
     history = [
-        {"epoch": 0, "step": 10, "rsm/a/semantic/map": 0.2, "rsm/a/baseline/map": 0.1,
-         "rsm/b.0/semantic/map": 0.3, "rsm/time_s": 1.5},
-        {"epoch": 1, "step": 20, "rsm/a/semantic/map": 0.4, "rsm/a/baseline/map": 0.15,
-         "rsm/b.0/semantic/map": 0.5, "rsm/a/rsa_to_previous": 0.9, "rsm/time_s": 1.0},
-    ]  # fmt: skip
+        {
+            "epoch": 0,
+            "step": 10,
+            "rsm/a/semantic/map": 0.2,
+            "rsm/a/baseline/map": 0.1,
+            "rsm/b.0/semantic/map": 0.3,
+            "rsm/time_s": 1.5,
+        },
+        {
+            "epoch": 1,
+            "step": 20,
+            "rsm/a/semantic/map": 0.4,
+            "rsm/a/baseline/map": 0.15,
+            "rsm/b.0/semantic/map": 0.5,
+            "rsm/a/rsa_to_previous": 0.9,
+            "rsm/time_s": 1.0,
+        },
+    ]
     fig = history_figure(history)
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.lines}
-    assert sorted(lines) == ["/-/time_s", "a/-/rsa_to_previous", "a/baseline/map",
-                             "a/semantic/map", "b.0/semantic/map"]  # fmt: skip
+    assert sorted(lines) == [
+        "/-/time_s",
+        "a/-/rsa_to_previous",
+        "a/baseline/map",
+        "a/semantic/map",
+        "b.0/semantic/map",
+    ]
     for gid, line in lines.items():
         layer, kind, score = gid.split("/")
         key = "/".join(p for p in ("rsm", layer, None if kind == "-" else kind, score) if p)
@@ -217,8 +241,11 @@ def test_trajectories_draw_every_score_of_the_history():
     assert lines["a/semantic/map"].get_color() == lines["a/baseline/map"].get_color()
     assert lines["a/semantic/map"].get_linestyle() == "-"
     assert lines["a/baseline/map"].get_linestyle() == "--"
-    assert [ax.get_title() for ax in fig.axes] == ["mAP", "RSA to the previous evaluation",
-                                                   "evaluation time (s)"]  # fmt: skip
+    assert [ax.get_title() for ax in fig.axes] == [
+        "mAP",
+        "RSA to the previous evaluation",
+        "evaluation time (s)",
+    ]
     # two evaluations in one epoch: steps
     same_epoch = [dict(entry, epoch=0) for entry in history]
     assert history_figure(same_epoch).axes[0].lines[0].get_xdata().tolist() == [10, 20]
@@ -255,8 +282,13 @@ def test_one_evaluation_draws_every_picture_and_holds_each_layers_range():
     figures, ranges = evaluation_figures(
         rsms, LABELS, epoch=1, step=7, layer_rsa=torch.eye(2), images=images, k=2
     )
-    assert sorted(figures) == ["rsm/conv/heatmap", "rsm/conv/neighbours", "rsm/fc/heatmap",
-                               "rsm/fc/neighbours", "rsm/layer_rsa"]  # fmt: skip
+    assert sorted(figures) == [
+        "rsm/conv/heatmap",
+        "rsm/conv/neighbours",
+        "rsm/fc/heatmap",
+        "rsm/fc/neighbours",
+        "rsm/layer_rsa",
+    ]
     assert ranges["conv"] == data_colour_range([rsm, rsm * 0.9])
     assert figures["rsm/conv/heatmap"].axes[0].images[0].get_clim() == ranges["conv"]
     assert "epoch 1, step 7" in figures["rsm/fc/heatmap"].get_suptitle()

@@ -47,8 +47,9 @@ def test_the_evaluation_the_step_and_the_kind_are_chosen(runs):
     first = compare_runs(root / "seed0", root / "seed1" / "rsms", evaluation=0, kind="baseline")
     by_step = compare_runs(root / "seed0", root / "seed1", step=10, kind="baseline")
     assert torch.equal(first.matrix, by_step.matrix)
-    expected = compare_rsms(written["seed0"][10]["conv1"]["baseline"],
-                            written["seed1"][10]["pool"]["baseline"])  # fmt: skip
+    expected = compare_rsms(
+        written["seed0"][10]["conv1"]["baseline"], written["seed1"][10]["pool"]["baseline"]
+    )
     assert float(first.matrix[0, 2]) == pytest.approx(float(expected), abs=1e-6)
     loaded = load_rsms(root / "seed0")[0]
     assert torch.equal(
@@ -105,8 +106,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_prints_the_table_and_draws_the_heatmap(runs):
     root, _ = runs
     picture = root / "figures" / "seeds.png"
-    done = _cli("compare", str(root / "seed0"), str(root / "seed1"), "-o", str(picture),
-                "--method", "cka")  # fmt: skip
+    done = _cli(
+        "compare", str(root / "seed0"), str(root / "seed1"), "-o", str(picture), "--method", "cka"
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "cka of semantic RSMs, seed0 (rows, step 20) vs seed1 (columns, step 20)"

@@ -19,9 +19,13 @@ from lightning_rsm.targets import reference_features, reference_rsm
 def _teacher() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
-        nn.Flatten(), nn.Linear(256, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(256, 3),
+    )
 
 
 def test_the_rsm_of_a_named_layer_uses_the_monitors_settings():
@@ -60,8 +64,13 @@ def test_a_callable_returning_features_gives_the_same_rsm():
     assert body.training  # put in eval mode for the call only
     from_layer = reference_rsm((teacher, "2"), images, max_positions=16)
     torch.testing.assert_close(from_callable, from_layer)
-    tokens = reference_features(lambda x: x.flatten(2).transpose(1, 2), images, special_tokens=1,
-                                tokens="patches", max_positions=None)  # fmt: skip
+    tokens = reference_features(
+        lambda x: x.flatten(2).transpose(1, 2),
+        images,
+        special_tokens=1,
+        tokens="patches",
+        max_positions=None,
+    )
     expected = to_concepts(images.flatten(2).transpose(1, 2), special_tokens=1, tokens="patches")
     torch.testing.assert_close(tokens, expected)
 

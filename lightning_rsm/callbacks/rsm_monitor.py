@@ -418,9 +418,15 @@ class RSMMonitor(*CALLBACK_BASES):
                 "that makes them images, but got neither."
             )
         return neighbours_figure(
-            self._rsms[layer], self._images, self._labels, queries=queries, k=k, layer=layer,
-            epoch=int(self.history[-1]["epoch"]), step=self._log_step,
-        )  # fmt: skip
+            self._rsms[layer],
+            self._images,
+            self._labels,
+            queries=queries,
+            k=k,
+            layer=layer,
+            epoch=int(self.history[-1]["epoch"]),
+            step=self._log_step,
+        )
 
     @property
     @override

@@ -48,8 +48,11 @@ def check_token_options(special_tokens: object, tokens: object, token_grid: obje
         ...
         ValueError: Expected `special_tokens` to be at least 1 with `tokens='special'`, but got 0.
     """
-    if not (isinstance(special_tokens, int) and not isinstance(special_tokens, bool)
-            and special_tokens >= 0):  # fmt: skip
+    if not (
+        isinstance(special_tokens, int)
+        and not isinstance(special_tokens, bool)
+        and special_tokens >= 0
+    ):
         raise ValueError(
             f"Expected `special_tokens` to be an int of at least 0, but got {special_tokens!r}."
         )

@@ -128,8 +128,17 @@ def test_the_colour_scale_is_held_and_a_resume_draws_as_a_straight_run(data, pro
         name = f"{max_epochs}_{ckpt_path is not None}"
         checkpoint = ModelCheckpoint(tmp_path / f"ckpt_{name}", save_last=True)
         logger = CSVLogger(tmp_path, name=f"run_{name}")
-        fit(TinyNet(), loader, monitor, tmp_path, callbacks=[recorder, checkpoint], logger=logger,
-            max_epochs=max_epochs, enable_checkpointing=True, ckpt_path=ckpt_path)  # fmt: skip
+        fit(
+            TinyNet(),
+            loader,
+            monitor,
+            tmp_path,
+            callbacks=[recorder, checkpoint],
+            logger=logger,
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+            ckpt_path=ckpt_path,
+        )
         return recorder, checkpoint
 
     straight, _ = run(4)

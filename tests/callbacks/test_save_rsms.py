@@ -114,8 +114,16 @@ def test_a_run_resumed_from_an_earlier_checkpoint_rewrites_and_equals_a_straight
     def run(root, max_epochs, ckpt_path=None, callbacks=()) -> RSMMonitor:
         monitor = RSMMonitor(probe, LAYERS, save_rsms=True)
         pl.seed_everything(0)
-        fit(TinyNet(), loader, monitor, root, callbacks=callbacks, ckpt_path=ckpt_path,
-            max_epochs=max_epochs, enable_checkpointing=bool(callbacks))  # fmt: skip
+        fit(
+            TinyNet(),
+            loader,
+            monitor,
+            root,
+            callbacks=callbacks,
+            ckpt_path=ckpt_path,
+            max_epochs=max_epochs,
+            enable_checkpointing=bool(callbacks),
+        )
         return monitor
 
     straight = run(tmp_path / "straight", 4)
@@ -131,8 +139,9 @@ def test_a_run_resumed_from_an_earlier_checkpoint_rewrites_and_equals_a_straight
     for a, b in zip(expected, got, strict=True):
         for layer in LAYERS:
             for kind in ("semantic", "baseline"):
-                torch.testing.assert_close(b.rsms[layer][kind], a.rsms[layer][kind], atol=1e-5,
-                                           rtol=0)  # fmt: skip
+                torch.testing.assert_close(
+                    b.rsms[layer][kind], a.rsms[layer][kind], atol=1e-5, rtol=0
+                )
 
 
 def test_an_archive_of_another_probe_in_the_folder_fails_at_fit_start(loader, probe, tmp_path):

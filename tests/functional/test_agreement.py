@@ -94,24 +94,54 @@ def test_agreement_is_higher_is_better():
 @pytest.mark.parametrize(
     ("rsm", "logits", "kwargs", "error", "match"),
     [
-        (torch.eye(3), torch.zeros(3, 2).index_fill_(1, torch.tensor([1]), torch.nan), {},
-         ValueError, "`logits` to be finite, but got 3 NaN/Inf values"),
-        (torch.eye(3), torch.zeros(4, 2), {}, ValueError,
-         r"\(3, K\) to match the RSM of 3 samples, but got shape \(4, 2\)"),
+        (
+            torch.eye(3),
+            torch.zeros(3, 2).index_fill_(1, torch.tensor([1]), torch.nan),
+            {},
+            ValueError,
+            "`logits` to be finite, but got 3 NaN/Inf values",
+        ),
+        (
+            torch.eye(3),
+            torch.zeros(4, 2),
+            {},
+            ValueError,
+            r"\(3, K\) to match the RSM of 3 samples, but got shape \(4, 2\)",
+        ),
         (torch.eye(3), torch.zeros(3), {}, ValueError, r"but got shape \(3,\)"),
         (torch.eye(3), torch.zeros(3, 2, dtype=torch.long), {}, TypeError, "floating dtype"),
         (torch.eye(3), [[0.0]], {}, TypeError, "`logits` to be a torch.Tensor"),
-        (torch.eye(3), torch.full((3, 2), 0.4), {"from_logits": False}, ValueError,
-         "sum to 1 along dim 1, but got 0.8 for row 0"),
-        (torch.eye(2), torch.tensor([[1.5, -0.5], [0.5, 0.5]]), {"from_logits": False},
-         ValueError, "non-negative, but got the value -0.5"),
-        (torch.eye(3), torch.zeros(3, 2), {"from_logits": 1}, TypeError,
-         "`from_logits` to be a bool, but got int"),
-        (torch.eye(3), torch.zeros(3, 2), {"correlation": "cka"}, ValueError,
-         r"`correlation` to be one of \['kendall', 'pearson', 'spearman'\], but got 'cka'"),
+        (
+            torch.eye(3),
+            torch.full((3, 2), 0.4),
+            {"from_logits": False},
+            ValueError,
+            "sum to 1 along dim 1, but got 0.8 for row 0",
+        ),
+        (
+            torch.eye(2),
+            torch.tensor([[1.5, -0.5], [0.5, 0.5]]),
+            {"from_logits": False},
+            ValueError,
+            "non-negative, but got the value -0.5",
+        ),
+        (
+            torch.eye(3),
+            torch.zeros(3, 2),
+            {"from_logits": 1},
+            TypeError,
+            "`from_logits` to be a bool, but got int",
+        ),
+        (
+            torch.eye(3),
+            torch.zeros(3, 2),
+            {"correlation": "cka"},
+            ValueError,
+            r"`correlation` to be one of \['kendall', 'pearson', 'spearman'\], but got 'cka'",
+        ),
         (torch.ones(3, 2), torch.zeros(3, 2), {}, ValueError, "`rsm` to be a square matrix"),
     ],
-)  # fmt: skip
+)
 def test_bad_input(rsm, logits, kwargs, error, match):
     with pytest.raises(error, match=match):
         probability_agreement(rsm, logits, **kwargs)

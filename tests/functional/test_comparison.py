@@ -123,19 +123,44 @@ def test_constant_rsm_gives_nan_with_warning(method):
 @pytest.mark.parametrize(
     ("a", "b", "method", "error", "match"),
     [
-        (torch.eye(3), torch.eye(4), "pearson", ValueError,
-         r"same shape, but got \(3, 3\) and \(4, 4\)"),
-        (torch.ones(3, 4), torch.eye(3), "pearson", ValueError,
-         r"`a` to be a square matrix.*\(3, 4\)"),
-        (torch.eye(3), torch.eye(3), "rsa", ValueError,
-         r"`method` to be one of \['cka', 'kendall', 'pearson', 'spearman'\], but got 'rsa'"),
-        (torch.eye(3), torch.eye(3).fill_diagonal_(torch.inf), "cka", ValueError,
-         "`b` to be finite, but got 3 NaN/Inf"),
-        (torch.eye(3), torch.eye(3, dtype=torch.int64), "cka", TypeError,
-         "`b` to have a floating dtype"),
+        (
+            torch.eye(3),
+            torch.eye(4),
+            "pearson",
+            ValueError,
+            r"same shape, but got \(3, 3\) and \(4, 4\)",
+        ),
+        (
+            torch.ones(3, 4),
+            torch.eye(3),
+            "pearson",
+            ValueError,
+            r"`a` to be a square matrix.*\(3, 4\)",
+        ),
+        (
+            torch.eye(3),
+            torch.eye(3),
+            "rsa",
+            ValueError,
+            r"`method` to be one of \['cka', 'kendall', 'pearson', 'spearman'\], but got 'rsa'",
+        ),
+        (
+            torch.eye(3),
+            torch.eye(3).fill_diagonal_(torch.inf),
+            "cka",
+            ValueError,
+            "`b` to be finite, but got 3 NaN/Inf",
+        ),
+        (
+            torch.eye(3),
+            torch.eye(3, dtype=torch.int64),
+            "cka",
+            TypeError,
+            "`b` to have a floating dtype",
+        ),
         (np.eye(3), torch.eye(3), "cka", TypeError, "`a` to be a torch.Tensor"),
     ],
-)  # fmt: skip
+)
 def test_bad_input(a, b, method, error, match):
     with pytest.raises(error, match=match):
         compare_rsms(a, b, method=method)

@@ -216,40 +216,90 @@ def test_error_action_names_the_query():
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: retrieval_average_precision(RSM, torch.tensor([0, 1, 0])), ValueError,
-         r"shape \(4,\).*but got shape \(3,\)"),
-        (lambda: retrieval_average_precision(RSM[:3], torch.tensor([0, 1, 0])), ValueError,
-         r"square matrix.*but got shape \(3, 4\)"),
-        (lambda: retrieval_average_precision(torch.ones(1, 1), torch.tensor([0])), ValueError,
-         "at least 2 samples"),
-        (lambda: retrieval_average_precision(RSM.numpy(), torch.tensor([0, 1, 0, 1])), TypeError,
-         "to be a torch.Tensor, but got ndarray"),
-        (lambda: retrieval_average_precision(RSM.long(), torch.tensor([0, 1, 0, 1])), TypeError,
-         "floating dtype"),
-        (lambda: retrieval_average_precision(NAN_RSM, torch.tensor([0, 1, 0, 1])), ValueError,
-         "4 NaN/Inf values"),
-        (lambda: retrieval_average_precision(RSM, [0, 1, 0, 1]), TypeError,
-         "`labels` to be a torch.Tensor"),
-        (lambda: retrieval_average_precision(RSM, torch.tensor([0.0, 1, 0, 1])), TypeError,
-         "integer or bool dtype, but got torch.float32"),
-        (lambda: retrieval_average_precision(RSM, torch.tensor([[0, 2], [1, 0], [1, 0], [0, 1]])),
-         ValueError, "only 0 and 1, but got the value 2"),
-        (lambda: retrieval_average_precision(RSM, torch.zeros(4, 1, 1)), ValueError,
-         r"but got shape \(4, 1, 1\)"),
-        (lambda: retrieval_precision(RSM, torch.tensor([0, 1, 0, 1]), k=4), ValueError,
-         r"`k` to be an int in \[1, N - 1\] = \[1, 3\].*but got 4"),
-        (lambda: retrieval_precision(RSM, torch.tensor([0, 1, 0, 1]), k=0), ValueError,
-         "but got 0"),
-        (lambda: retrieval_recall(RSM, torch.tensor([0, 1, 0, 1]), k=True), ValueError,
-         "but got True"),
-        (lambda: retrieval_recall(RSM, torch.tensor([0, 1, 0, 1]), k=2.0), ValueError,
-         "but got 2.0"),
-        (lambda: retrieval_average_precision(RSM, torch.tensor([0, 1, 0, 1]), top_k=9),
-         ValueError, "`top_k` to be an int"),
-        (lambda: retrieval_f1_at_1(RSM, torch.tensor([0, 1, 0, 1]), empty_target_action="drop"),
-         ValueError, r"one of \['error', 'neg', 'pos', 'skip'\], but got 'drop'"),
+        (
+            lambda: retrieval_average_precision(RSM, torch.tensor([0, 1, 0])),
+            ValueError,
+            r"shape \(4,\).*but got shape \(3,\)",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM[:3], torch.tensor([0, 1, 0])),
+            ValueError,
+            r"square matrix.*but got shape \(3, 4\)",
+        ),
+        (
+            lambda: retrieval_average_precision(torch.ones(1, 1), torch.tensor([0])),
+            ValueError,
+            "at least 2 samples",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM.numpy(), torch.tensor([0, 1, 0, 1])),
+            TypeError,
+            "to be a torch.Tensor, but got ndarray",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM.long(), torch.tensor([0, 1, 0, 1])),
+            TypeError,
+            "floating dtype",
+        ),
+        (
+            lambda: retrieval_average_precision(NAN_RSM, torch.tensor([0, 1, 0, 1])),
+            ValueError,
+            "4 NaN/Inf values",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM, [0, 1, 0, 1]),
+            TypeError,
+            "`labels` to be a torch.Tensor",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM, torch.tensor([0.0, 1, 0, 1])),
+            TypeError,
+            "integer or bool dtype, but got torch.float32",
+        ),
+        (
+            lambda: retrieval_average_precision(
+                RSM, torch.tensor([[0, 2], [1, 0], [1, 0], [0, 1]])
+            ),
+            ValueError,
+            "only 0 and 1, but got the value 2",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM, torch.zeros(4, 1, 1)),
+            ValueError,
+            r"but got shape \(4, 1, 1\)",
+        ),
+        (
+            lambda: retrieval_precision(RSM, torch.tensor([0, 1, 0, 1]), k=4),
+            ValueError,
+            r"`k` to be an int in \[1, N - 1\] = \[1, 3\].*but got 4",
+        ),
+        (
+            lambda: retrieval_precision(RSM, torch.tensor([0, 1, 0, 1]), k=0),
+            ValueError,
+            "but got 0",
+        ),
+        (
+            lambda: retrieval_recall(RSM, torch.tensor([0, 1, 0, 1]), k=True),
+            ValueError,
+            "but got True",
+        ),
+        (
+            lambda: retrieval_recall(RSM, torch.tensor([0, 1, 0, 1]), k=2.0),
+            ValueError,
+            "but got 2.0",
+        ),
+        (
+            lambda: retrieval_average_precision(RSM, torch.tensor([0, 1, 0, 1]), top_k=9),
+            ValueError,
+            "`top_k` to be an int",
+        ),
+        (
+            lambda: retrieval_f1_at_1(RSM, torch.tensor([0, 1, 0, 1]), empty_target_action="drop"),
+            ValueError,
+            r"one of \['error', 'neg', 'pos', 'skip'\], but got 'drop'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()

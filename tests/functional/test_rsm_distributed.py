@@ -55,7 +55,7 @@ def _in_own_group_beside_training(rank: int) -> list[torch.Tensor]:
                 block_size=4,
                 num_workers=1,
                 distributed=group,
-            )  # fmt: skip
+            )
             for k, m in CASES
         )
 

@@ -261,8 +261,12 @@ def test_ddp_equals_single_process_also_with_a_rank_that_saw_no_data(tmp_path, e
 def test_ddp_comparison_and_agreement_with_uneven_shards(tmp_path):
     features, _, _, logits = _data(11)
     batches = _batches(features, features.exp())
-    check_metric_ddp(partial(RSMComparison, method="cka"), [batches[:1], batches[1:]],
-                     partial(_comparison, method="cka"), tmp_path / "comparison")  # fmt: skip
+    check_metric_ddp(
+        partial(RSMComparison, method="cka"),
+        [batches[:1], batches[1:]],
+        partial(_comparison, method="cka"),
+        tmp_path / "comparison",
+    )
     batches = _batches(features, logits)
     check_metric_ddp(partial(ProbabilityAgreement), [[], batches], _agreement, tmp_path / "agree")
 
