@@ -3,7 +3,10 @@
 :func:`check_metric` runs a metric through the checks every metric of the package must pass:
 updates in batches equal one update of everything and equal the functional reference;
 ``forward`` returns the batch's own value and still accumulates; a pickled, cloned or
-``state_dict``-restored metric computes the same. :func:`check_metric_ddp` checks that two
+``state_dict``-restored metric computes the same; moved to every device here (CUDA where there
+is one) with its inputs it computes the same, and with float64 states and inputs
+(``set_dtype``) it computes the reference of float64 inputs. :func:`check_metric_ddp` checks
+that two
 ranks holding shards (some possibly empty) compute what one process computes. A metric with
 more than ``compute`` to check (``SemanticRSM.rsm``) names it with ``outputs``.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -67,6 +71,21 @@ def check_metric(
     restored.persistent(True)
     restored.load_state_dict(batched.state_dict())
     torch.testing.assert_close(outputs(restored), expected)
+
+    for device in _devices():
+        moved = make().to(device)
+        on_device = [tuple(t.to(device) for t in batch) for batch in batches]
+        result = apply_to_collection(outputs(_update(moved, on_device)), Tensor, Tensor.cpu)
+        torch.testing.assert_close(result, expected)
+    doubles = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in batches]
+    double = make().set_dtype(torch.float64)
+    result = outputs(_update(double, doubles))
+    torch.testing.assert_close(result, reference(*_cat(doubles)))  # the dtypes too
+
+
+def _devices() -> list[torch.device]:
+    """The CPU, and the first CUDA device where there is one."""
+    return [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
 
 
 def check_metric_ddp(
