@@ -292,13 +292,11 @@ class Background:
     def close(self) -> Pending | None:
         """Cancel the running evaluation at its next block of pairs, stop the worker and wait
         for its thread to end (at most ``JOIN_TIMEOUT_S``); the pending evaluation is dropped
-        and returned (None if there was none). The group is destroyed only once the thread has
-        ended (a running evaluation may be inside one of its collectives); otherwise it goes
-        with the default group."""
+        and returned (None if there was none). The worker's group is not destroyed here but
+        goes with the default group: destroying it at teardown, when the other rank may already
+        have left, hung a rank of a 2-process fit on torch 2.1."""
         dropped, self.pending = self.pending, None
         self._cancel.set()
-        ended = self._worker.stop(timeout=JOIN_TIMEOUT_S)
-        if self.group is not None and ended and dist.is_initialized():
-            dist.destroy_process_group(self.group)
+        self._worker.stop(timeout=JOIN_TIMEOUT_S)
         self.group = None
         return dropped
