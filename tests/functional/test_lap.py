@@ -112,6 +112,19 @@ def test_warm_start_saves_work_on_small_drift():
 
 
 @needs_numba
+def test_a_warm_start_from_an_unrelated_problem_is_dropped_for_a_cold_solve():
+    # Independent random features at each evaluation: nothing to reuse. The old edges are far
+    # from tight on the first rows already, so every pair is solved cold (and stays exact).
+    gen = torch.Generator().manual_seed(0)
+    cache = AssignmentCache()
+    semantic_rsm(torch.randn(12, 16, 4, 4, generator=gen).relu(), warm_start=cache)
+    x = torch.randn(12, 16, 4, 4, generator=gen).relu()
+    warm = semantic_rsm(x, warm_start=cache)
+    assert cache.stats["warm_pairs"] == cache.stats["warm_pairs_solved_cold"] == 66
+    torch.testing.assert_close(warm, semantic_rsm(x), rtol=0, atol=1e-6)
+
+
+@needs_numba
 @pytest.mark.parametrize(
     "duals",
     [
@@ -122,10 +135,14 @@ def test_warm_start_saves_work_on_small_drift():
         lambda rng, shape: np.zeros(shape),
     ],
 )
-def test_warm_start_from_garbage_is_exact(duals):
+@pytest.mark.parametrize("permutations", [False, True])
+def test_warm_start_from_garbage_is_exact(duals, permutations):
     rng = np.random.default_rng(3)
     scores = _problems("normal", 30, 12, rng)
-    assignment = rng.integers(-5, 20, scores.shape[:2])  # out of range and repeated columns
+    if permutations:  # a well-formed start: its duals are repaired, not dropped
+        assignment = np.stack([rng.permutation(12) for _ in range(30)])
+    else:  # out of range and repeated columns
+        assignment = rng.integers(-5, 20, scores.shape[:2])
     result = linear_assignment_batch(
         scores, assignment=assignment, duals=duals(rng, scores.shape[:2])
     )
@@ -410,11 +427,28 @@ def test_the_certificate_accepts_optimal_solutions_and_rejects_others():
     rng = np.random.default_rng(5)
     scores = _problems("normal", 20, 12, rng) * 1e-8
     result = linear_assignment_batch(scores)
+    scratch = np.empty(12)
     for cost, x, v in zip(scores, result.permutation.numpy(), result.duals.numpy(), strict=True):
         y = np.argsort(x)
-        assert _certified(cost, x, y, v)
+        assert _certified(cost, x, y, v, scratch)
         worse = x.copy()
         worse[[0, 1]] = worse[[1, 0]]  # any other permutation leaves an edge far from tight
         if cost[np.arange(12), worse].sum() < cost[np.arange(12), x].sum() - 1e-20:
-            assert not _certified(cost, worse, np.argsort(worse), v)
-        assert not _certified(cost, x, y, v + 1e3 * np.arange(12))  # duals far off the scale
+            assert not _certified(cost, worse, np.argsort(worse), v, scratch)
+        assert not _certified(cost, x, y, v + 1e3 * np.arange(12), scratch)  # duals far off
+        better = cost.copy()  # one entry off the assignment now gains more than the optimum
+        better[0, x[1]] = cost[0, x[0]] + cost[1, x[1]] + np.abs(cost).max()
+        assert not _certified(better, x, y, v, scratch)
+
+
+@needs_numba
+def test_the_certificate_takes_its_tolerance_from_all_scores():
+    # Assigned scores near 1, every other score about -1e6: the duals spread over 1e6, far more
+    # than the assigned scores' scale; the full max |score| admits them.
+    rng = np.random.default_rng(0)
+    cost = -1e6 * rng.uniform(1, 2, (1, 8, 8))
+    cost[0, np.arange(8), np.arange(8)] = rng.uniform(0.5, 1, 8)
+    result = linear_assignment_batch(cost)
+    x = result.permutation[0].numpy()
+    assert (x == np.arange(8)).all()
+    assert _certified(cost[0], x, np.argsort(x), result.duals[0].numpy(), np.empty(8))

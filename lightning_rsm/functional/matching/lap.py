@@ -6,25 +6,26 @@ duals ``u`` and column duals ``v``; a solution is optimal when the duals are fea
 (``u_i + v_j <= c_ij`` everywhere) and every assigned edge is tight (``u_i + v_j = c_ij``).
 
 Cold solve (Jonker & Volgenant, 1987): column reduction with reduction transfer, two passes of
-augmenting row reduction, then a shortest augmenting path (Dijkstra on the dense reduced costs)
-for every row still free.
+augmenting row reduction (capped at a few steps per row: on near ties it cycles), then a
+shortest augmenting path (Dijkstra on the dense reduced costs) for every row still free.
 
-Warm solve, from a previous solution's column duals ``v`` and assignment: the row duals
-``u_i = min_j (c_ij - v_j)`` make *any* ``v`` dual-feasible, so every row whose previous column
-is still tight (its reduced cost is the row minimum) keeps it. A row whose old edge is off by a
-gap keeps it too when raising that column's dual by the gap leaves every kept row's reduced
-costs non-negative (kept edges stay tight, the duals stay feasible); otherwise the column's dual
-is raised as far as the kept rows allow, which shortens the paths to it. Only the other rows are
-re-assigned: augmenting row reduction (capped at a few steps per row: on near ties it can cycle),
-then shortest paths. Duals that are not finite or far off the
-problem's scale (where rounding could hurt), or an old solution far from optimal, are ignored:
-that matrix is solved cold.
+Warm solve, from a previous solution's column duals ``v`` and assignment (a permutation): the
+row duals ``u_i = min_j (c_ij - v_j)`` make *any* ``v`` dual-feasible, so every row whose
+previous column is still tight (its reduced cost is the row minimum) keeps it. A row whose old
+edge is off by a gap keeps it too when raising that column's dual by the gap leaves every kept
+row's reduced costs non-negative (kept edges stay tight, the duals stay feasible); otherwise the
+column's dual is raised as far as the kept rows allow, which shortens the paths to it. Only the
+other rows are re-assigned, as in the cold solve. An assignment that is not a permutation, duals
+that are not finite or far off the problem's scale (where rounding could hurt), or an old
+solution far from optimal (judged on the first rows already, so that a hopeless start costs a
+small part of one pass over the scores) are ignored: that matrix is solved cold.
 
-Every warm solve ends with a certificate that depends on the current scores alone: with
-``u_i = min_j (c_ij - v_j)`` every assigned edge must be tight within a rounding tolerance of
-``max |score|`` (and the duals' spread within ``4 S max |score|``); a matrix that fails it is
-solved again, cold. So the result is the exact optimum whatever the previous solution was; a
-good one only makes it cheaper.
+Every warm solve ends with a certificate that depends on the current scores alone: with row
+duals that make every assigned edge tight, no reduced cost may fall below minus a rounding
+tolerance of ``max |score|`` (and the duals' spread stays within ``4 S max |score|``); a matrix
+that fails it is solved again, cold. So the result is the exact optimum whatever the previous
+solution was; a good one only makes it cheaper. The certificate is one pass over the scores that
+the compiler vectorises (about a tenth of a warm solve of the demo's layers).
 
 Exact means as exact as a floating-point solve can be: the duals are first shifted by a constant
 (which changes nothing but rounding) so that their largest is 0, and an old edge whose reduced
@@ -51,141 +52,9 @@ from torch import Tensor
 
 from lightning_rsm.functional.checks import check_scores
 from lightning_rsm.functional.matching.assignment import Assignment
-from lightning_rsm.functional.matching.jonker_volgenant import (
-    HAVE_NUMBA,
-    NOT_FINITE,
-    SOLVE_COLD,
-    UNASSIGNED,
-    _augmenting_row_reduction,
-    _certified,
-    _cold_start,
-    _njit,
-    _shortest_path,
-    _unassign,
-    _warm_start,
-)
+from lightning_rsm.functional.matching.jonker_volgenant import HAVE_NUMBA, _solve_batch
 
 _BACKENDS = ("numba", "scipy")
-# Passes of augmenting row reduction (JV's choice) before the shortest paths.
-_ARR_PASSES = 2
-# After a warm start a pass of ARR stops lowering duals after this many steps per free row (JV:
-# up to S per free row). On near ties (a ViT's patch tokens late in AdamW training) ARR cycled
-# through rows swapping columns, and a warm solve cost nearly a cold one; capped, the rows left
-# take shortest paths. Measured on solves warm-started from the previous epoch, per pair (the
-# table in benchmarks/README.md): the ViT 1.1-4.2x faster than cold (1.0-2.0x uncapped), the
-# demo CNN's layers and drifting random matrices as fast as uncapped (2.5-3.8x, 2.5-3.2x).
-_WARM_ARR_STEPS = 8
-
-
-# The batch driver, compiled like the kernels it calls.
-@_njit
-def _solve_from(scores, warm, x0, v0, x, y, v, u, free, d, cols, pred):
-    """Solve one ``(S, S)`` matrix of ``scores`` (the costs are their negatives) into x, y, v,
-    warm from ``x0, v0`` where ``warm`` and the warm start is usable, else cold.
-
-    Returns ``(rows not kept from the warm start (S when solved cold), rows that needed a
-    shortest path, whether it was solved warm)``; the counts are -1 if ``scores`` hold NaN/Inf.
-    """
-    n = scores.shape[0]
-    n_free = SOLVE_COLD
-    if warm:
-        _unassign(x, y)
-        n_free = _warm_start(scores, x0, v0, x, y, v, u, free)
-    if n_free == SOLVE_COLD:
-        _unassign(x, y)
-        n_free = _cold_start(scores, x, y, v, free)
-        warm = False
-    if n_free == NOT_FINITE:
-        return -1, -1, warm
-    not_kept = n_free if warm else n
-    for _ in range(_ARR_PASSES):
-        if n_free == 0:
-            break
-        budget = _WARM_ARR_STEPS * n_free if warm else n * n
-        n_free = _augmenting_row_reduction(scores, free, n_free, x, y, v, budget)
-    for f in range(n_free):
-        start = free[f]
-        j = _shortest_path(scores, start, x, y, v, d, cols, pred)
-        i = UNASSIGNED
-        while i != start:
-            i = pred[j]
-            y[j] = i
-            k = x[i]
-            x[i] = j
-            j = k
-    return not_kept, n_free, warm
-
-
-@_njit
-def _solve_one(scores, warm, x0, v0, x, y, v, u, free, d, cols, pred, stats):
-    """:func:`_solve_from`, then, for a warm solve, the optimality certificate of the result on
-    the current scores alone (:func:`_certified`); a matrix that fails it is solved cold.
-
-    Writes to ``stats``: rows not kept, rows that needed a shortest path, and 1 where a warm
-    start was tried but the matrix was solved cold (start unusable or certificate failed).
-    Returns False if ``scores`` hold NaN/Inf.
-    """
-    not_kept, paths, solved_warm = _solve_from(
-        scores, warm, x0, v0, x, y, v, u, free, d, cols, pred
-    )
-    if solved_warm and not_kept >= 0 and not _certified(scores, x, y, v):
-        not_kept, paths, solved_warm = _solve_from(
-            scores, False, x0, v0, x, y, v, u, free, d, cols, pred
-        )
-    fell_back = warm and not solved_warm
-    stats[0] = not_kept
-    stats[1] = paths
-    stats[2] = 1 if fell_back else 0
-    return not_kept >= 0
-
-
-@_njit
-def _solve_batch(scores, slots, warm, assign, duals, values, stats):
-    """Solve ``scores[b]`` for every b; warm from ``assign/duals[slots[b]]`` where ``warm[b]``.
-
-    Writes the optimal value to ``values[b]`` (NaN if the matrix holds NaN/Inf), the row counts
-    to ``stats[b]`` and, where ``slots[b] >= 0``, the assignment and column duals to
-    ``assign/duals[slots[b]]``.
-    """
-    n = scores.shape[1]
-    x = np.empty(n, dtype=np.int64)
-    y = np.empty(n, dtype=np.int64)
-    v = np.empty(n, dtype=np.float64)
-    u = np.empty(n, dtype=np.float64)
-    x0 = np.empty(n, dtype=np.int64)
-    v0 = np.empty(n, dtype=np.float64)
-    free = np.empty(n, dtype=np.int64)
-    d = np.empty(n, dtype=np.float64)
-    cols = np.empty(n, dtype=np.int64)
-    pred = np.empty(n, dtype=np.int64)
-    for b in range(scores.shape[0]):
-        matrix = scores[b]
-        slot = slots[b]
-        use = warm[b] and slot >= 0
-        if n == 1:  # also keeps ARR (which needs a second column) away from S = 1
-            values[b] = matrix[0, 0] if np.isfinite(matrix[0, 0]) else np.nan
-            stats[b, 0] = 0 if use else 1
-            stats[b, 1] = 0
-            stats[b, 2] = 0
-            if slot >= 0:
-                assign[slot, 0] = 0
-                duals[slot, 0] = -matrix[0, 0]
-            continue
-        if use:
-            for j in range(n):
-                x0[j] = assign[slot, j]
-                v0[j] = duals[slot, j]
-        if not _solve_one(matrix, use, x0, v0, x, y, v, u, free, d, cols, pred, stats[b]):
-            values[b] = np.nan
-            continue
-        total = 0.0
-        for i in range(n):
-            total += matrix[i, x[i]]
-        values[b] = total
-        if slot >= 0:
-            for j in range(n):
-                assign[slot, j] = x[j]
-                duals[slot, j] = v[j]
 
 
 def _scipy_batch(scores: np.ndarray, values: np.ndarray, assign: np.ndarray | None) -> None:
