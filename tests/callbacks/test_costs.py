@@ -75,8 +75,8 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(*wide_data(48)), batch_size=16)
 
 
-def slow_monitor(samples: int = 12, **options) -> RSMMonitor:
-    """``samples`` of 256 positions: 66 LAPs of 256 x 256 for 12, seconds on one thread."""
+def slow_monitor(samples: int = 18, **options) -> RSMMonitor:
+    """``samples`` of 256 positions: 153 LAPs of 256 x 256 for 18, seconds on one thread."""
     return RSMMonitor(wide_data(samples, seed=1), ["conv"], max_positions=None, **options)
 
 
@@ -85,7 +85,7 @@ def cost_warnings(record) -> list[str]:
 
 
 def test_a_slow_synchronous_monitor_warns_once_per_fit(tmp_path):
-    monitor = slow_monitor(16, warm_start_bytes=0)  # every evaluation cold: 120 LAPs
+    monitor = slow_monitor(24, warm_start_bytes=0)  # every evaluation cold: 276 LAPs
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fit(WideNet(), loader(), monitor, tmp_path, max_epochs=4)
@@ -101,7 +101,7 @@ def test_training_waiting_for_the_worker_shows_it_and_counts_it(tmp_path, capfd,
     """Epoch 1's evaluation waits for epoch 0's, and the fit's last one is waited for: a
     progress line on stderr while it waits (with the Trainer's bar on), and the waiting time in
     the cost warning."""
-    monitor = slow_monitor(16, warm_start_bytes=0, background=True)
+    monitor = slow_monitor(24, warm_start_bytes=0, background=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fit(WideNet(), loader(), monitor, tmp_path, max_epochs=2, enable_progress_bar=progress)
