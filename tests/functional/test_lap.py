@@ -19,6 +19,8 @@ from lightning_rsm.functional.matching import lap
 from lightning_rsm.functional.matching.jonker_volgenant import _certified
 
 needs_numba = pytest.mark.skipif(not lap.HAVE_NUMBA, reason="numba is not importable")
+# The compiled kernels also run on the oldest numba and numpy declared (`make test-oldest`).
+pytestmark = pytest.mark.oldest
 
 
 def _problems(kind: str, batch: int, size: int, rng: np.random.Generator) -> np.ndarray:
