@@ -14,6 +14,7 @@ Figures (pure functions returning a matplotlib ``Figure``; no pyplot state, Agg 
 ==========================  ====================================================================
 
 Helpers: :func:`label_order` (the one sample order), :func:`draw_rsm` (one RSM into an axes),
+:func:`layer_heatmap` (a labelled layer x layer comparison into an axes, also for two runs),
 :func:`data_colour_range` and :func:`next_colour_range` (colour scales from the data, and the
 rule that keeps one across evaluations), :func:`as_images`, :func:`query_indices`,
 :func:`nearest_neighbours`, and :func:`figure_to_rgb` / :func:`figure_to_png` for loggers.
@@ -379,6 +380,53 @@ def heatmap_figure(
     return figure
 
 
+def layer_heatmap(
+    ax: Axes, values: Tensor, rows: Sequence[str], cols: Sequence[str], method: str
+) -> AxesImage:
+    """Draw a layer x layer comparison on ``ax``: names on both axes, each value in its cell.
+
+    Correlations on ``[-1, 1]`` with a diverging colormap, CKA (``method="cka"``, in ``[0, 1]``)
+    on ``[0, 1]`` with viridis; cell text black or white by the cell's luminance. Used by
+    :func:`rsa_figure` (one run's layers) and
+    :func:`~lightning_rsm.run_comparison.comparison_figure` (two runs').
+
+    Args:
+        ax: the axes to draw on.
+        values: tensor of shape ``(len(rows), len(cols))``.
+        rows: names down the side.
+        cols: names across the bottom.
+        method: the comparison method that gave ``values``.
+
+    Returns:
+        the ``AxesImage``, for a colour bar.
+
+    Example:
+        >>> ax = Figure().subplots()
+        >>> layer_heatmap(ax, torch.tensor([[0.9, 0.2]]), ["a"], ["x", "y"], "cka").get_clim()
+        (0.0, 1.0)
+    """
+    vmin, cmap = (0.0, "viridis") if method == "cka" else (-1.0, "RdBu_r")
+    array = values.detach().double().cpu().numpy()
+    image = ax.imshow(array, vmin=vmin, vmax=1.0, cmap=cmap)
+    colours = matplotlib.colormaps[cmap](np.clip((array - vmin) / (1.0 - vmin), 0.0, 1.0))
+    size = max(5, min(9, 60 // max(len(rows), len(cols), 1)))
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            luminance = colours[i, j, :3] @ np.array([0.299, 0.587, 0.114])
+            ax.text(
+                j,
+                i,
+                f"{array[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="black" if luminance > 0.5 else "white",
+            )
+    ax.set_xticks(range(len(cols)), labels=list(cols), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=8)
+    return image
+
+
 def rsa_figure(
     rsa: Tensor,
     layers: Sequence[str],
@@ -419,26 +467,7 @@ def rsa_figure(
     side = max(3.8, 0.55 * count + 2.4)
     fig = Figure(figsize=(side + 0.8, side), dpi=100, layout="constrained")
     ax = fig.subplots()
-    vmin, cmap = (0.0, "viridis") if method == "cka" else (-1.0, "RdBu_r")
-    values = rsa.detach().double().cpu().numpy()
-    image = ax.imshow(values, vmin=vmin, vmax=1.0, cmap=cmap)
-    colours = matplotlib.colormaps[cmap]((values - vmin) / (1.0 - vmin))
-    size = max(5, min(9, 60 // max(count, 1)))
-    for i in range(count):
-        for j in range(count):
-            luminance = colours[i, j, :3] @ np.array([0.299, 0.587, 0.114])
-            ax.text(
-                j,
-                i,
-                f"{values[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=size,
-                color="black" if luminance > 0.5 else "white",
-            )
-    ticks = list(range(count))
-    ax.set_xticks(ticks, labels=list(layers), rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(ticks, labels=list(layers), fontsize=8)
+    image = layer_heatmap(ax, rsa, layers, layers, method)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label(f"RSA ({method})", fontsize=8)
     bar.ax.tick_params(labelsize=7)

@@ -210,8 +210,8 @@ def compare_runs(
 def comparison_figure(result: RunComparison, name_a: str = "A", name_b: str = "B") -> Figure:
     """The layer x layer heatmap: run A's layers down, run B's across, values in the cells.
 
-    Drawn on ``[-1, 1]`` (every method's range) with a colour bar; the title names the method,
-    the kind of RSM and the steps.
+    Drawn by :func:`~lightning_rsm.plotting.layer_heatmap` (correlations on ``[-1, 1]``, CKA
+    on ``[0, 1]``) with a colour bar; the title names the method, the kind of RSM and the steps.
 
     Example:
         >>> result = RunComparison(torch.eye(2), ["a", "b"], ["a", "b"], "cka", "semantic", 1, 1)
@@ -220,26 +220,12 @@ def comparison_figure(result: RunComparison, name_a: str = "A", name_b: str = "B
     """
     from matplotlib.figure import Figure
 
+    from lightning_rsm.plotting import layer_heatmap
+
     rows, cols = result.matrix.shape
     fig = Figure(figsize=(2.0 + 0.9 * cols, 1.4 + 0.7 * rows), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(result.matrix.numpy(), vmin=-1.0, vmax=1.0, cmap="RdBu_r")
-    for (i, j), value in zip(
-        torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).tolist(),
-        result.matrix.flatten().tolist(),
-        strict=True,
-    ):
-        ax.text(
-            j,
-            i,
-            f"{value:.2f}",
-            ha="center",
-            va="center",
-            fontsize=9,
-            color="white" if abs(value) > 0.6 else "black",
-        )
-    ax.set_xticks(range(cols), result.layers_b, rotation=45, ha="right")
-    ax.set_yticks(range(rows), result.layers_a)
+    image = layer_heatmap(ax, result.matrix, result.layers_a, result.layers_b, result.method)
     ax.set_xlabel(f"{name_b} (step {result.step_b})")
     ax.set_ylabel(f"{name_a} (step {result.step_a})")
     ax.set_title(f"RSA ({result.method}) of {result.kind} RSMs")

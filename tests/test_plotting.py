@@ -22,6 +22,7 @@ from lightning_rsm.plotting import (
     rsa_figure,
     sort_by_label,
 )
+from lightning_rsm.run_comparison import RunComparison, comparison_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -130,6 +131,27 @@ def test_rsa_cells_hold_the_values_and_the_axes_the_layer_names():
     assert "kendall" in ax.get_title() and "epoch 2" in ax.get_title()
     assert ax.images[0].get_clim() == (-1.0, 1.0)
     assert rsa_figure(rsa.abs(), layers, method="cka").axes[0].images[0].get_clim() == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("method, clim", [("cka", (0.0, 1.0)), ("pearson", (-1.0, 1.0))])
+def test_two_runs_are_drawn_on_their_methods_range_like_one_run(method, clim):
+    # CKA lies in [0, 1]: on [-1, 1] half the colour bar would never be used
+    result = RunComparison(
+        torch.tensor([[0.9, 0.3, 0.1], [0.2, 0.8, 0.05]]),
+        ["a", "b"],
+        ["x", "y", "z"],
+        method,
+        "semantic",
+        3,
+        5,
+    )
+    fig = comparison_figure(result, "seed0", "seed1")
+    ax = fig.axes[0]
+    assert ax.images[0].get_clim() == clim
+    assert ax.images[0].get_cmap().name == ("viridis" if method == "cka" else "RdBu_r")
+    assert [t.get_text() for t in ax.texts] == ["0.90", "0.30", "0.10", "0.20", "0.80", "0.05"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
 
 
 def test_neighbours_are_the_top_k_others_and_their_frames_mark_the_class():
