@@ -59,8 +59,8 @@ class Evaluation:
 class Outcome:
     """Scores (with ``rsm/time_s``), RSMs ``(N, N)`` (float32, CPU), the logits ``(N, K)`` they
     were scored with (or None), the layer x layer RSA, the images (tag -> uint8 RGB
-    ``(H, W, 3)``) and the heatmaps' colour ranges to hold for the next evaluation; or
-    ``failure``: ``(rank, error text)``."""
+    ``(H, W, 3)``), the heatmaps' colour ranges to hold for the next evaluation and the seconds
+    spent drawing the images; or ``failure``: ``(rank, error text)``."""
 
     epoch: int
     step: int
@@ -72,6 +72,7 @@ class Outcome:
     images: dict[str, np.ndarray] = field(default_factory=dict)
     ranges: Ranges = field(default_factory=dict)
     failure: tuple[int, str] | None = None
+    render_s: float = 0.0
 
 
 def warm_start_caches(
@@ -146,7 +147,9 @@ class Evaluator:
         outcome.logits = logits
         outcome.scores["rsm/time_s"] = evaluation.seconds + time.perf_counter() - start
         if render:
+            start = time.perf_counter()
             outcome.images, outcome.ranges = self.render(outcome)
+            outcome.render_s = time.perf_counter() - start
         return outcome
 
     def semantic_rsms(

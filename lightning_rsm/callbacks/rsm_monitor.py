@@ -25,7 +25,14 @@ from lightning_rsm.callbacks.batches import (
     slice_batch,
 )
 from lightning_rsm.callbacks.config import MonitorConfig, as_misconfiguration
-from lightning_rsm.callbacks.costs import Measured, Settings, cost_advice, worker_has_a_core
+from lightning_rsm.callbacks.costs import (
+    Measured,
+    Settings,
+    Spent,
+    cost_advice,
+    steady_costs,
+    worker_has_a_core,
+)
 from lightning_rsm.callbacks.evaluation import (
     Evaluation,
     Evaluator,
@@ -95,10 +102,12 @@ class RSMMonitor(*CALLBACK_BASES):
     :mod:`lightning_rsm.callbacks.background`.
 
     What it costs: from the second evaluation on, the monitor compares the time it holds training
-    up (probe forward, plus the RSMs when synchronous or the wait for the worker) with the
-    training time between two evaluations; above a quarter it warns once per fit with the
-    measured times and the ``every_n_*``, probe size, ``max_positions`` (and ``background=True``
-    where a core is free) that would bring it under (:mod:`lightning_rsm.callbacks.costs`).
+    up (probe forward, logging, plus the RSMs and pictures when synchronous or the wait for the
+    worker; the first evaluation, which compiles the solver and solves every pair cold, left
+    out) with the training time between two evaluations; above a quarter it warns once per fit
+    with the measured times and the ``every_n_*``, probe size, ``max_positions``,
+    ``log_images=False`` (and ``background=True`` where a core is free) that would bring it
+    under (:mod:`lightning_rsm.callbacks.costs`).
     ``background=True`` where the worker has no core of its own (training on the CPU with every
     core in use) warns at fit start.
 
@@ -688,10 +697,11 @@ class RSMMonitor(*CALLBACK_BASES):
         outcome = evaluator.run(evaluation, is_distributed(trainer), render, progress)
         self._deliver(trainer, outcome)
 
-    def _deliver(self, trainer: pl.Trainer, outcome: Outcome) -> None:
+    def _deliver(self, trainer: pl.Trainer, outcome: Outcome, waited_s: float = 0.0) -> None:
         """On the training thread: a warning, or the RSMs kept (for :attr:`rsms` and the next
         drift) and the colour ranges held, then
-        :func:`~lightning_rsm.callbacks.reporting.report`."""
+        :func:`~lightning_rsm.callbacks.reporting.report`; ``waited_s``: how long training
+        waited for this evaluation (background)."""
         if outcome.failure is not None:
             self._warn_failed(trainer, outcome.epoch, outcome.failure)
             return
@@ -699,11 +709,13 @@ class RSMMonitor(*CALLBACK_BASES):
         self.layer_rsa = outcome.layer_rsa
         if self.config.heatmap_range is None:
             self._ranges.update(outcome.ranges)  # none when not drawn (another rank, no images)
+        start = time.perf_counter()
         reporting.report(
             trainer, outcome, self.history, warn_once=self._warnings.warn, archive=self._archive
         )
-        self._measured.deliveries += 1
-        self._measured.evaluation_s += outcome.scores["rsm/time_s"]
+        report_s = time.perf_counter() - start
+        spent = Spent(outcome.scores["rsm/time_s"], outcome.render_s, report_s, waited_s)
+        self._measured.spent.append(spent)
         self._warn_cost(trainer)
 
     def _warn_failed(self, trainer: pl.Trainer, epoch: int, failure: tuple[int, str]) -> None:
@@ -717,16 +729,12 @@ class RSMMonitor(*CALLBACK_BASES):
     def _warn_cost(self, trainer: pl.Trainer) -> None:
         """Once per fit, from the second evaluation on: the warning of
         :func:`~lightning_rsm.callbacks.costs.cost_advice` when monitoring adds more than a
-        quarter to training time."""
+        quarter to training time (:func:`~lightning_rsm.callbacks.costs.steady_costs`: the
+        first evaluation left out)."""
         measured, config = self._measured, self.config
-        if measured.warned or measured.deliveries < 2:
+        costs = steady_costs(measured, config.background, time.perf_counter())
+        if measured.warned or costs is None:
             return
-        capture = measured.capture_s / measured.captures
-        compute = max(measured.evaluation_s / measured.deliveries - capture, 0.0)
-        blocked = measured.capture_s + measured.wait_s
-        if not config.background:
-            blocked = measured.evaluation_s
-        training = time.perf_counter() - measured.start - blocked
         settings = Settings(
             probe_size=batch_length(self._inputs),
             probe_given=config.probe is not None,
@@ -736,8 +744,14 @@ class RSMMonitor(*CALLBACK_BASES):
             background=config.background,
             free_core=self._worker_has_a_core(trainer),
         )
-        wait = measured.wait_s / measured.captures
-        message = cost_advice(capture, compute, wait, training / measured.captures, settings)
+        message = cost_advice(
+            costs.capture_s,
+            costs.compute_s,
+            costs.wait_s,
+            costs.interval_s,
+            settings,
+            pictures_s=costs.pictures_s,
+        )
         if message is not None:
             measured.warned = True
             rank_zero_warn(message)
@@ -826,11 +840,10 @@ class RSMMonitor(*CALLBACK_BASES):
         with a progress line while training waits)."""
         if self._background is None:
             return
-        if wait:
-            self._measured.wait_s += self._background.wait(progress=_shows_progress(trainer))
+        waited = self._background.wait(progress=_shows_progress(trainer)) if wait else 0.0
         outcome = self._background.finished()
         if outcome is not None:
-            self._deliver(trainer, outcome)
+            self._deliver(trainer, outcome, waited)
 
     def _settle_for_checkpoint(self) -> list[dict[str, Any]]:
         """Before a checkpoint: deliver a finished evaluation; keep one still running on features

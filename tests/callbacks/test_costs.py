@@ -15,7 +15,15 @@ from test_background import WORKER, WideNet, wide_data
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rsm import RSMMonitor
-from lightning_rsm.callbacks.costs import Settings, cost_advice, worker_has_a_core
+from lightning_rsm.callbacks.costs import (
+    Costs,
+    Measured,
+    Settings,
+    Spent,
+    cost_advice,
+    steady_costs,
+    worker_has_a_core,
+)
 from lightning_rsm.functional.pairs import available_cpus
 
 SYNC = Settings(
@@ -35,7 +43,7 @@ def test_advice_brings_each_setting_to_the_budget():
     15 s^3 = 4: s = 0.6437 -> 41."""
     message = cost_advice(1.0, 15.0, 0.0, 20.0, SYNC)
     assert "adds 80% to training time" in message
-    assert "probe forward 1.0 s, RSMs and scores 15.0 s on the training thread" in message
+    assert "probe forward 1.0 s, RSMs and scores 15.0 s, pictures and logging 0.0 s" in message
     assert "every_n_epochs=4," in message
     assert "probe_size=272 " in message
     assert "max_positions=41," in message
@@ -54,6 +62,34 @@ def test_advice_for_a_background_run_counts_the_wait_not_the_computation():
     assert "a probe of 209 samples" in message
     assert "max_positions=64 (now every position is kept)" in message
     assert "background=True" not in message
+
+
+def test_pictures_count_and_turning_them_off_is_advised_where_it_suffices():
+    """The demo on a quiet machine: RSMs 0.3 s, pictures 1.1 s, 2 s of training between
+    evaluations: 70%. Pictures hardly depend on N or S, so neither a smaller probe nor fewer
+    positions can bring it under 25% (0.5 s); log_images=False can (0.3 s)."""
+    message = cost_advice(0.0, 0.3, 0.0, 2.0, SYNC, pictures_s=1.1)
+    assert "adds 70% to training time" in message
+    assert "RSMs and scores 0.3 s, pictures and logging 1.1 s on the training thread" in message
+    assert "every_n_epochs=3," in message
+    assert "log_images=False (pictures take 1.1 s)" in message
+    assert "probe_size" not in message and "max_positions" not in message
+    # RSMs alone over the budget: turning pictures off is not enough, so not advised
+    assert "log_images" not in cost_advice(0.0, 0.8, 0.0, 2.0, SYNC, pictures_s=1.1)
+
+
+def test_the_first_evaluation_is_left_out_of_the_costs():
+    """It compiled the solver and solved every pair cold: 6 s, then 0.75 s. Its seconds are
+    still not training time."""
+    measured = Measured(start=0.0, captures=3, capture_s=0.75)
+    assert steady_costs(measured, background=False, now=1.0) is None
+    measured.spent = [Spent(6.0, 2.0, 0.25), Spent(0.75, 1.0, 0.25), Spent(0.75, 1.0, 0.25)]
+    costs = steady_costs(measured, background=False, now=18.25)
+    assert costs == Costs(0.25, 0.5, 0.0, 2.0, 1.25)  # (18.25 - 12.25) / 3 of training
+    # in the background training is held by the captures, the waits and the logging only
+    measured.spent = [Spent(6.0, 2.0, 0.25, 5.0), Spent(0.75, 1.0, 0.25, 0.5)]
+    costs = steady_costs(measured, background=True, now=12.75)
+    assert costs == Costs(0.25, 0.5, 0.5, 2.0, 0.25)  # (12.75 - 0.75 - 6.0) / 3
 
 
 def test_no_advice_within_the_budget_or_for_short_evaluations():
