@@ -121,7 +121,8 @@ def cost_warnings(record) -> list[str]:
 
 
 def test_a_slow_synchronous_monitor_warns_once_per_fit(tmp_path):
-    monitor = slow_monitor(24, warm_start_bytes=0)  # every evaluation cold: 276 LAPs
+    # every evaluation cold, 276 LAPs on one thread: about 2 s, twice the least that warns
+    monitor = slow_monitor(24, warm_start_bytes=0, solver_threads=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fit(WideNet(), loader(), monitor, tmp_path, max_epochs=4)
