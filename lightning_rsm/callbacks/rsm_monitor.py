@@ -732,8 +732,10 @@ class RSMMonitor(*CALLBACK_BASES):
         quarter to training time (:func:`~lightning_rsm.callbacks.costs.steady_costs`: the
         first evaluation left out)."""
         measured, config = self._measured, self.config
+        if measured.warned:
+            return
         costs = steady_costs(measured, config.background, time.perf_counter())
-        if measured.warned or costs is None:
+        if costs is None:
             return
         settings = Settings(
             probe_size=batch_length(self._inputs),
